@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .errors import MpistyleError
+from .errors import Interrupted, MpistyleError
 
 logger = logging.getLogger("mpistyle")
 
@@ -49,6 +49,15 @@ def _fraction(text: str) -> float:
     if value >= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1): {text}")
     return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (printed by rank 0 only), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if _rank() == 0:
+            sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
 
 
 def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
@@ -148,7 +157,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import losses, metrics, train
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mpistyle",
         description="Seamless, flicker-free neural style transfer on video across MPI ranks. "
                     "Run as `mpiexec -n N mpistyle stylize IN -o OUT` (or srun, or a plain process).")
@@ -231,6 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose, args.quiet)
     try:
         return int(args.func(args) or 0)
+    except Interrupted as exc:
+        if _rank() == 0:
+            sys.stderr.write(f"mpistyle: interrupted: {exc}\n")
+        return exc.exit_code
     except MpistyleError as exc:
         if not getattr(exc, "already_reported", False) and (_rank() == 0 or getattr(exc, "every_rank", False)):
             sys.stderr.write(f"mpistyle: error: {exc}\n")

@@ -133,8 +133,11 @@ def validate_output(input_path: str, output: str) -> None:
     directory = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(directory):
         raise MpistyleError(f"output directory does not exist: {directory}")
-    if not os.access(directory, os.W_OK):
-        raise MpistyleError(f"output directory is not writable: {directory}")
+    try:  # really try: access() says yes to root on read-only mounts
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".mpistyle-probe-"):
+            pass
+    except OSError as exc:
+        raise MpistyleError(f"cannot write to the output directory {directory}: {exc.strerror}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,6 +377,7 @@ class Sink(threading.Thread):
         self.write_s = 0.0
         self.encode_s = 0.0
         self.failed = False
+        self.encode_error = ""
 
     def run(self) -> None:
         try:
@@ -471,7 +475,11 @@ class Sink(threading.Thread):
                 self.encoder.write(self.buffer.read(self.encoded))
                 self.encoded += 1
         except MpistyleError as exc:
-            self._fail(exc)
+            # The output failed (e.g. its disk is full) but the buffer is fine: keep stylizing into
+            # the buffer and report at the end, so a rerun only has to encode.
+            self.encode_error = str(exc)
+            self.encoder.abort()
+            self.encoder = None
         self.encode_s += time.perf_counter() - start
 
 
@@ -641,6 +649,7 @@ class RankWorker:
         return out
 
     def _emit(self, t: int, out: np.ndarray) -> None:
+        _inject_fault(self.rp.rank, t)
         start = time.perf_counter()
         if self.sink is not None:  # rank 0 hands frames to its own sink thread
             while True:
@@ -684,6 +693,24 @@ class RankWorker:
                 req.Cancel()
                 req.Wait()
         self.flow_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _inject_fault(rank: int, frame: int) -> None:
+    """Test hook: MPISTYLE_FAULT="RANK:FRAME:raise|kill|hang" makes that rank fail at that frame.
+
+    The failure tests use it to prove that one rank's exception, death or stall ends the whole job.
+    """
+    spec = os.environ.get("MPISTYLE_FAULT")
+    if not spec:
+        return
+    want_rank, want_frame, kind = spec.split(":")
+    if int(want_rank) != rank or int(want_frame) != frame:
+        return
+    if kind == "kill":
+        os.kill(os.getpid(), 9)
+    if kind == "hang":
+        time.sleep(3600)
+    raise RuntimeError(f"injected fault at frame {frame}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -978,12 +1005,17 @@ def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, s
             first = failures[0]
             verdict = ("failed", f"rank {first['rank']}: {first['failure']}" if size > 1 else first["failure"],
                        first["code"] or 1)
-        elif complete and encoder is not None:
-            if sink is not None and sink.encoded < setup.n_frames:
+        elif complete and sink is not None and sink.encoder is not None:
+            if sink.encoded < setup.n_frames:
                 sink._commit()  # frames done before this run (resume) still need encoding
-            encoder.close()
-            encoder = None
-            verdict = ("done", "", 0)
+            if sink.encoder is not None:
+                sink.encoder.close()
+                sink.encoder = encoder = None
+                verdict = ("done", "", 0)
+            else:
+                raise MpistyleError(sink.encode_error)
+        elif complete:
+            raise MpistyleError(sink.encode_error if sink is not None else "nothing was encoded")
         else:
             signal_name = next((p["signal"] for p in per_rank if p["signal"]), "")
             why = f"received {signal_name}" if signal_name else "stopped"
@@ -991,10 +1023,13 @@ def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, s
             verdict = ("stopped", f"{why}: {done}/{setup.n_frames} frames are safe in {setup.buffer_path}; "
                                   "rerun the same command to resume", Interrupted.exit_code)
     except MpistyleError as exc:
-        verdict = ("failed", str(exc), exc.exit_code)
-        sys.stderr.write(f"mpistyle: error: {exc}\n")
+        message = f"{exc}; all {setup.n_frames} frames are safe in {setup.buffer_path}: rerun to encode"
+        verdict = ("failed", message, exc.exit_code)
+        sys.stderr.write(f"mpistyle: error: {message}\n")
     finally:
-        if encoder is not None:
+        if sink is not None and sink.encoder is not None:
+            sink.encoder.abort()
+        elif encoder is not None and sink is None:
             encoder.abort()
         if buffer is not None:
             buffer.close()

@@ -1,0 +1,118 @@
+"""End to end under real MPI: frame count, fps, audio, seams (N ranks vs 1), flicker, odd cases."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from fractions import Fraction
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from mpistyle.metrics import evaluate, psnr
+from mpistyle.partition import boundaries
+from mpistyle.video import ffmpeg_exe, probe, read_all
+
+from .conftest import BBB, CARPHONE, run_mpistyle
+
+
+def _frames(buffer: Path) -> np.ndarray:
+    with h5py.File(buffer, "r") as f:
+        assert f["done"][...].all()
+        return f["frames"][...]
+
+
+@pytest.fixture(scope="module")
+def bbb_runs(tmp_path_factory, model_args) -> dict:
+    """The 24-frame clip stylized as a plain process (the 1-rank reference) and with -n 1, 2, 3."""
+    tmp = tmp_path_factory.mktemp("bbb")
+    runs = {}
+    for ranks in (None, 1, 2, 3):
+        name = f"n{ranks or 0}"
+        out = tmp / f"{name}.mp4"
+        report = tmp / f"{name}.json"
+        proc = run_mpistyle(["stylize", str(BBB), "-o", str(out), *model_args, "--keep-buffer",
+                             "--report", str(report)], ranks=ranks, check=True)
+        runs[ranks or 0] = {"out": out, "buffer": Path(str(out) + ".mpistyle.h5"), "report": json.loads(report.read_text()),
+                            "log": proc.stderr}
+    return runs
+
+
+@pytest.mark.parametrize("ranks", [0, 1, 2, 3])
+def test_output_keeps_frames_fps_and_audio(bbb_runs, ranks) -> None:
+    src = probe(str(BBB))
+    info = probe(str(bbb_runs[ranks]["out"]))
+    assert info.n_frames == src.n_frames == 24
+    assert info.fps == src.fps == Fraction(25)
+    assert info.has_audio
+    assert (info.width, info.height) == (128, 72)
+    assert bbb_runs[ranks]["report"]["ranks"] == max(ranks, 1)
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_n_ranks_match_one_rank_without_seams(bbb_runs, ranks) -> None:
+    reference = _frames(bbb_runs[0]["buffer"])
+    frames = _frames(bbb_runs[ranks]["buffer"])
+    per_frame = [psnr(a, b) for a, b in zip(reference, frames, strict=True)]
+    assert min(per_frame) >= 40.0, per_frame
+    # The encoded videos differ from each other less than H.264/yuv420p differs from its own input
+    # (at 128x72 chroma subsampling alone caps that near 38 dB), so no seam survives encoding.
+    ref_video, video = read_all(str(bbb_runs[0]["out"])), read_all(str(bbb_runs[ranks]["out"]))
+    codec_noise = min(psnr(a, b) for a, b in zip(ref_video, reference, strict=True))
+    assert min(psnr(a, b) for a, b in zip(ref_video, video, strict=True)) >= codec_noise
+
+
+def test_report_accounts_for_halo_and_partitions(bbb_runs) -> None:
+    report = bbb_runs[3]["report"]
+    assert report["boundaries"] == boundaries(24, 3) == [8, 16]
+    assert sum(r["frames"] for r in report["per_rank"]) == 24
+    assert [r["counts"].get("network_frames", 0) for r in report["per_rank"]] == [8, 8, 8]  # halos are not re-stylized
+    assert report["halo_fusion_steps"] == 8 + 10
+    assert report["outcome"] == "done"
+
+
+def test_halo_zero_leaves_a_seam_that_the_halo_removes(tmp_path, bbb_runs, model_args) -> None:
+    """Without the halo, partition 2 restarts the style: frames differ from the 1-rank run."""
+    out = tmp_path / "nohalo.mp4"
+    run_mpistyle(["stylize", str(BBB), "-o", str(out), *model_args, "--halo", "0", "--keep-buffer"], ranks=2,
+                 check=True)
+    reference = _frames(bbb_runs[0]["buffer"])
+    frames = _frames(Path(str(out) + ".mpistyle.h5"))
+    assert psnr(reference[12], frames[12]) < 40.0 <= min(psnr(reference[i], frames[i]) for i in range(12))
+
+
+def test_temporal_mode_lowers_warping_error(tmp_path, bbb_runs, model_args) -> None:
+    out = tmp_path / "none.mp4"
+    run_mpistyle(["stylize", str(BBB), "-o", str(out), *model_args, "--temporal", "none"], ranks=2, check=True)
+    flicker = evaluate(str(BBB), str(out))["warping_error"]
+    steady = evaluate(str(BBB), str(bbb_runs[2]["out"]))["warping_error"]
+    assert steady <= 0.6 * flicker, (steady, flicker)
+
+
+def test_silent_input_and_ntsc_rate(tmp_path, model_args) -> None:
+    out = tmp_path / "carphone.mp4"
+    run_mpistyle(["stylize", str(CARPHONE), "-o", str(out), *model_args], ranks=2, check=True)
+    info = probe(str(out))
+    assert (info.n_frames, info.fps, info.has_audio) == (12, Fraction(30000, 1001), False)
+    assert not Path(str(out) + ".mpistyle.h5").exists()  # buffer removed after success
+
+
+def test_more_ranks_than_frames_and_odd_size(tmp_path, model_args) -> None:
+    clip = tmp_path / "tiny.mp4"
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(BBB), "-frames:v", "2", "-vf", "scale=97:71",
+                    "-c:v", "libx264", "-pix_fmt", "yuv444p", "-an", str(clip)], check=True)
+    out = tmp_path / "tiny_out.mp4"
+    run_mpistyle(["stylize", str(clip), "-o", str(out), *model_args], ranks=3, check=True)
+    info = probe(str(out))
+    assert info.n_frames == 2
+    assert info.width % 2 == 0 and info.height % 2 == 0 and abs(info.width - 97) <= 1 and abs(info.height - 71) <= 1
+
+
+def test_scale_option_sets_the_output_size(tmp_path, model_args) -> None:
+    out = tmp_path / "half.mp4"
+    run_mpistyle(["stylize", str(CARPHONE), "-o", str(out), *model_args, "--scale", "0.5", "--temporal", "none"],
+                 check=True)
+    info = probe(str(out))
+    assert (info.width, info.height, info.n_frames) == (88, 72, 12)
