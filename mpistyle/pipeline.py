@@ -756,15 +756,29 @@ def _collective(comm: Any, fn: Any, root_only: bool = True) -> Any:
     return result
 
 
-def _root_setup(opts: StylizeOptions, precision_name: str, device_type: str) -> Setup:
-    from .buffer import FrameBuffer
+@dataclass
+class _Validated:
+    info: Any
+    width: int
+    height: int
+    model_path: str
+
+
+def _validate_on_root(opts: StylizeOptions) -> _Validated:
+    """Cheap checks first (input, output, size, model name), before any rank loads a model."""
     from .models import resolve_model
     from .video import output_size, probe
 
     info = probe(opts.input)
     validate_output(opts.input, opts.output)
     width, height = output_size(info, width=opts.width, height=opts.height, scale=opts.scale)
-    model_path = resolve_model(opts.model)
+    return _Validated(info=info, width=width, height=height, model_path=resolve_model(opts.model))
+
+
+def _open_buffer_on_root(opts: StylizeOptions, checked: _Validated, precision_name: str, device_type: str) -> Setup:
+    from .buffer import FrameBuffer
+
+    info, width, height, model_path = checked.info, checked.width, checked.height, checked.model_path
     buffer_path = opts.buffer or default_buffer_path(opts.output)
     if os.path.abspath(buffer_path) in (os.path.abspath(opts.input), os.path.abspath(opts.output)):
         raise MpistyleError(f"buffer path must differ from input and output: {buffer_path}")
@@ -814,18 +828,22 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     threads = threads_per_rank(local_size, opts.threads)
     configure_threads(threads)
 
+    checked: _Validated = _collective(comm, lambda: _validate_on_root(opts))
+
     def load() -> Any:
-        from .models import Stylizer, load_model, resolve_model, resolve_precision
+        import torch
+
+        from .models import Stylizer, load_model, resolve_precision
 
         device = select_device(opts.device, local_rank)
-        model = load_model(resolve_model(opts.model), device)
-        return Stylizer(model, device=device, precision=opts.precision), device, resolve_precision(
-            opts.precision, __import__("torch").device(device))
+        model = load_model(checked.model_path, device)
+        dtype = resolve_precision(opts.precision, torch.device(device))
+        return Stylizer(model, device=torch.device(device), precision=opts.precision), device, dtype
 
     stylizer, device, dtype = _collective(comm, load, root_only=False)
     precision_name = str(dtype).replace("torch.", "") if dtype is not None else "float32"
     device_type = device.split(":")[0]
-    setup: Setup = _collective(comm, lambda: _root_setup(opts, precision_name, device_type))
+    setup: Setup = _collective(comm, lambda: _open_buffer_on_root(opts, checked, precision_name, device_type))
     batch = opts.batch or (4 if device_type == "cuda" else 1)
     temporal_on = opts.temporal.mode != "none"
     plan = make_plan(setup.n_frames, size, opts.halo, done=list(setup.done), temporal=temporal_on)

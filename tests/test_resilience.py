@@ -1,0 +1,176 @@
+"""Cluster-grade behaviour under real MPI: kill and resume, signals, failing or killed ranks, full disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from mpistyle.metrics import psnr
+from mpistyle.video import probe
+
+from .conftest import BBB, SAMPLE, ROOT, tool
+
+BUFFER_SUFFIX = ".mpistyle.h5"
+
+
+def _start(args: list[str], ranks: int, env: dict | None = None) -> subprocess.Popen:
+    cmd = [tool("mpiexec"), "-n", str(ranks), tool("mpistyle"), *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def _done_count(buffer: Path) -> int:
+    try:
+        with h5py.File(buffer, "r", locking=False) as f:
+            return int(f["done"][...].sum())
+    except (OSError, KeyError):
+        return 0
+
+
+def _wait_for_frames(buffer: Path, proc: subprocess.Popen, at_least: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while _done_count(buffer) < at_least:
+        assert proc.poll() is None, f"finished before it could be interrupted: {proc.communicate()}"
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.2)
+
+
+def _frames(buffer: Path) -> np.ndarray:
+    with h5py.File(buffer, "r") as f:
+        return f["frames"][...]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, model_args) -> dict:
+    """The sample clip (75 frames) stylized in one go with 2 ranks: the reference for resumes."""
+    tmp = tmp_path_factory.mktemp("ref")
+    out = tmp / "ref.mp4"
+    proc = _start(["stylize", str(SAMPLE), "-o", str(out), *model_args, "--keep-buffer", "--no-progress"], 2)
+    _, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err
+    return {"out": out, "frames": _frames(Path(str(out) + BUFFER_SUFFIX))}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_stops_cleanly_and_rerun_resumes_identically(tmp_path, uninterrupted, model_args, sig) -> None:
+    out = tmp_path / "out.mp4"
+    buffer = Path(str(out) + BUFFER_SUFFIX)
+    args = ["stylize", str(SAMPLE), "-o", str(out), *model_args, "--keep-buffer", "--no-progress"]
+    proc = _start(args, 2)
+    _wait_for_frames(buffer, proc, 6)
+    sent = time.monotonic()
+    proc.send_signal(sig)  # mpiexec forwards it to every rank
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 30, "ranks did not stop within seconds"
+    assert proc.returncode == 75, err
+    assert "interrupted" in err and "rerun the same command to resume" in err and "Traceback" not in err
+    assert not out.exists()
+    done_before = _done_count(buffer)
+    assert 0 < done_before < 75
+
+    report = tmp_path / "resume.json"
+    proc = _start([*args, "--report", str(report)], 2)
+    _, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err
+    assert "resuming" in err
+    computed = json.loads(report.read_text())["frames_computed"]
+    assert computed == 75 - done_before  # nothing recomputed
+    assert np.array_equal(_frames(buffer), uninterrupted["frames"])  # identical to the uninterrupted run
+    assert probe(str(out)).n_frames == 75
+
+
+def test_resume_with_a_different_number_of_ranks(tmp_path, uninterrupted, model_args) -> None:
+    out = tmp_path / "out.mp4"
+    buffer = Path(str(out) + BUFFER_SUFFIX)
+    args = ["stylize", str(SAMPLE), "-o", str(out), *model_args, "--keep-buffer", "--no-progress"]
+    proc = _start(args, 2)
+    _wait_for_frames(buffer, proc, 10)
+    proc.kill()  # SIGKILL to mpiexec: no chance to clean up at all
+    proc.communicate(timeout=60)
+    subprocess.run(["pkill", "-9", "-f", str(out)], check=False)  # ranks orphaned by the killed launcher
+    time.sleep(0.5)
+    done_before = _done_count(buffer)
+    assert done_before >= 10
+    proc = _start(args, 3)
+    _, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err
+    frames = _frames(buffer)
+    assert min(psnr(a, b) for a, b in zip(frames, uninterrupted["frames"], strict=True)) >= 40.0
+
+
+def test_changed_settings_do_not_reuse_the_buffer(tmp_path, model_args) -> None:
+    out = tmp_path / "out.mp4"
+    args = ["stylize", str(BBB), "-o", str(out), *model_args, "--keep-buffer", "--no-progress"]
+    proc = _start(args, 2)
+    assert proc.wait(timeout=300) == 0
+    proc = _start([*args, "--strength", "0.5"], 2)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert err.strip().splitlines()[-1].startswith("mpistyle: error: buffer") and "--restart" in err
+    proc = _start([*args, "--strength", "0.5", "--restart"], 2)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+
+
+def test_exception_on_one_rank_ends_every_rank_with_its_message(tmp_path, model_args) -> None:
+    out = tmp_path / "out.mp4"
+    start = time.monotonic()
+    proc = _start(["stylize", str(SAMPLE), "-o", str(out), *model_args, "--no-progress"], 3,
+                  env={"MPISTYLE_FAULT": "1:30:raise"})
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    assert "mpistyle: error: rank 1:" in err and "injected fault at frame 30" in err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert _done_count(Path(str(out) + BUFFER_SUFFIX)) > 0  # what was computed is kept
+    assert time.monotonic() - start < 240
+
+
+def test_killed_rank_ends_the_job_without_hanging(tmp_path, model_args) -> None:
+    out = tmp_path / "out.mp4"
+    proc = _start(["stylize", str(SAMPLE), "-o", str(out), *model_args, "--no-progress"], 3,
+                  env={"MPISTYLE_FAULT": "2:55:kill"})
+    out_text, err = proc.communicate(timeout=240)  # a hang fails here
+    assert proc.returncode != 0
+    said = (out_text + err).upper()  # the launcher names the dead process and its signal
+    assert "KILLED" in said or "SIGNAL 9" in said
+    assert not out.exists()
+
+
+def test_full_output_disk_keeps_every_frame_for_the_rerun(tmp_path, small_tmpfs, model_args) -> None:
+    buffer = tmp_path / "buf.h5"
+    filler = Path(small_tmpfs) / "filler"
+    filler.write_bytes(b"\0" * (2 * 1024 * 1024 - 12 * 1024))  # leave ~12 KB free
+    out = Path(small_tmpfs) / "out.mp4"
+    proc = _start(["stylize", str(BBB), "-o", str(out), *model_args, "--buffer", str(buffer), "--no-progress"], 2)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    last = err.strip().splitlines()[-1]
+    assert "disk full" in last and "rerun to encode" in last, err
+    assert not out.exists() and sorted(os.listdir(small_tmpfs)) == ["filler"]
+    assert _done_count(buffer) == 24
+    filler.unlink()
+    proc = _start(["stylize", str(BBB), "-o", str(out), *model_args, "--buffer", str(buffer), "--no-progress",
+                   "--report", str(tmp_path / "r.json")], 2)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert json.loads((tmp_path / "r.json").read_text())["frames_computed"] == 0
+    assert probe(str(out)).n_frames == 24
+
+
+def test_buffer_that_does_not_fit_fails_before_any_work(tmp_path, small_tmpfs, model_args) -> None:
+    out = tmp_path / "out.mp4"
+    proc = _start(["stylize", str(SAMPLE), "-o", str(out), *model_args,
+                   "--buffer", str(Path(small_tmpfs) / "b.h5")], 2)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert err.strip().splitlines() == [err.strip().splitlines()[-1]]
+    assert "disk full" in err and os.listdir(small_tmpfs) == []
