@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 TAG_SRC, TAG_OUT, TAG_HALO, TAG_STATE, TAG_STOP, TAG_FIN = 101, 102, 103, 104, 105, 106
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".m4v")
 SHUTDOWN_TIMEOUT_S = 120.0
+MAX_EVENTS = 50_000
 
 
 @dataclass
@@ -532,7 +533,7 @@ class RankWorker:
 
     def __init__(self, comm: Any, rp: RankPlan, plan: Plan, setup: Setup, stylizer: Any,
                  temporal: TemporalSettings, spool: SourceSpool, msgr: Messenger, sink: Sink | None,
-                 batch: int, state_frames: dict[int, np.ndarray]) -> None:
+                 batch: int, state_frames: dict[int, np.ndarray], t0: float) -> None:
         from .flow import FlowEstimator
         from .temporal import TemporalFuser
 
@@ -549,6 +550,8 @@ class RankWorker:
         self.pending: list[tuple[Any, np.ndarray]] = []  # in-flight sends and their buffers
         self.sent = 0
         self.times: dict[str, float] = defaultdict(float)
+        self.events: list[tuple[str, float, float]] = []
+        self.t0 = t0
         self.counts: dict[str, int] = defaultdict(int)
         # Pre-post every halo receive now, so an owner's send always finds a match (no stuck sends).
         self.halo_reqs: dict[int, tuple[Any, np.ndarray]] = {}
@@ -579,13 +582,14 @@ class RankWorker:
             self.fuser.reset(prev_source=self._source(run.state_frame),
                              prev_output=self.state_frames[run.state_frame])
         has_prev = run.state_frame is not None
+        self._stylize_ahead_while_halo_arrives(run)
         # Warm-up over the halo: raw network outputs come from their owners.
         for t in run.halo_frames:
             pair = self._pair(t) if has_prev else None
             start = time.perf_counter()
             req, buf = self.halo_reqs[t]
             self.msgr.wait(req)
-            self.times["wait_halo"] += time.perf_counter() - start
+            self._record("wait_halo", start)
             self._fuse(t, buf, pair)
             self.counts["halo_frames"] += 1
             has_prev = True
@@ -605,14 +609,39 @@ class RankWorker:
                 has_prev = True
             self._check_stop()
 
+    def _stylize_ahead_while_halo_arrives(self, run: Run) -> None:
+        """Don't idle while the previous rank stylizes our halo: run the network on our own next
+        frames (fusion must wait for the halo; the network need not). Bounded by 2 x halo frames."""
+        reqs = [self.halo_reqs[t][0] for t in run.halo_frames]
+        if not reqs:
+            return
+        ahead = [t for t in range(run.start, run.stop) if t not in self.cache][: 2 * len(reqs)]
+        for i in range(0, len(ahead), self.batch):
+            if all(req.Test() for req in reqs):
+                return
+            group = ahead[i:i + self.batch]
+            for t, out in zip(group, self._network([self._source(t) for t in group]), strict=True):
+                self.cache[t] = out
+            self._check_stop()
+
     # -- steps --------------------------------------------------------------------------------
     def _source(self, t: int) -> np.ndarray:
-        return self.spool.get(t)
+        start = time.perf_counter()
+        frame = self.spool.get(t)
+        self._record("wait_source", start, min_s=1e-3)
+        return frame
+
+    def _record(self, phase: str, start: float, min_s: float = 0.0) -> None:
+        """Accumulate a phase's time and keep a bounded timeline of events for the report."""
+        end = time.perf_counter()
+        self.times[phase] += end - start
+        if end - start >= min_s and len(self.events) < MAX_EVENTS:
+            self.events.append((phase, round(start - self.t0, 5), round(end - self.t0, 5)))
 
     def _network(self, sources: list[np.ndarray]) -> np.ndarray:
         start = time.perf_counter()
         out = self.stylizer(np.stack(sources))
-        self.times["network"] += time.perf_counter() - start
+        self._record("network", start)
         self.counts["network_frames"] += len(sources)
         return out
 
@@ -624,7 +653,7 @@ class RankWorker:
         def job() -> Any:
             start = time.perf_counter()
             result = pair_flow(self.flow_est, to_gray(prev), to_gray(cur))
-            self.times["flow"] += time.perf_counter() - start
+            self._record("flow", start)
             return result
 
         return self.flow_pool.submit(job)
@@ -637,13 +666,14 @@ class RankWorker:
             return None
         start = time.perf_counter()
         result = fut.result()
-        self.times["wait_flow"] += time.perf_counter() - start
+        self._record("wait_flow", start, min_s=1e-3)
         return result
 
     def _fuse(self, t: int, stylized: np.ndarray, pair: Any) -> np.ndarray:
+        source = self._source(t)
         start = time.perf_counter()
-        out = self.fuser.step(self._source(t), stylized, pair=pair)
-        self.times["fuse"] += time.perf_counter() - start
+        out = self.fuser.step(source, stylized, pair=pair)
+        self._record("fuse", start)
         if self.fuser.last_was_cut:
             self.counts["scene_cuts"] += 1
         return out
@@ -665,7 +695,7 @@ class RankWorker:
             msg[8:] = out.reshape(-1)
             self._send_raw(msg, 0, TAG_OUT)
             self.sent += 1
-        self.times["send"] += time.perf_counter() - start
+        self._record("send", start, min_s=1e-3)
 
     def _send(self, frame: np.ndarray, dest: int, tag: int) -> None:
         self._send_raw(np.ascontiguousarray(frame).reshape(-1), dest, tag)
@@ -844,6 +874,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     precision_name = str(dtype).replace("torch.", "") if dtype is not None else "float32"
     device_type = device.split(":")[0]
     setup: Setup = _collective(comm, lambda: _open_buffer_on_root(opts, checked, precision_name, device_type))
+    t_work = time.perf_counter()  # all ranks leave the setup collective together: a shared time origin
     batch = opts.batch or (4 if device_type == "cuda" else 1)
     temporal_on = opts.temporal.mode != "none"
     plan = make_plan(setup.n_frames, size, opts.halo, done=list(setup.done), temporal=temporal_on)
@@ -881,7 +912,8 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
             threads_started.append(receiver)
         for th in threads_started:
             th.start()
-        worker = RankWorker(comm, rp, plan, setup, stylizer, opts.temporal, spool, msgr, sink, batch, state_frames)
+        worker = RankWorker(comm, rp, plan, setup, stylizer, opts.temporal, spool, msgr, sink, batch, state_frames,
+                            t0=t_work)
         worker.run()
     except _Stopped:
         outcome = "stopped"
@@ -891,7 +923,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     watchdog = _Watchdog(comm, rank)
     try:
         report = _shutdown(comm, msgr, worker, receiver, decoder, sink, buffer, encoder, setup, plan, opts,
-                           threads, device, precision_name, t_start)
+                           threads, device, precision_name, (t_start, t_work))
     finally:
         watchdog.cancel()
         spool.close()
@@ -951,7 +983,8 @@ def _distribute_state_frames(comm: Any, plan: Plan, setup: Setup, rp: RankPlan) 
 
 def _shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, receiver: Receiver | None,
               decoder: Decoder | None, sink: Sink | None, buffer: Any, encoder: Any, setup: Setup, plan: Plan,
-              opts: StylizeOptions, threads: int, device: str, precision: str, t_start: float) -> dict[str, Any]:
+              opts: StylizeOptions, threads: int, device: str, precision: str,
+              clock: tuple[float, float]) -> dict[str, Any]:
     rank, size = comm.Get_rank(), comm.Get_size()
     if msgr.stop:
         msgr.broadcast_stop()
@@ -981,8 +1014,6 @@ def _shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, receiver: R
 
     times = dict(worker.times) if worker is not None else {}
     counts = dict(worker.counts) if worker is not None else {}
-    if worker is not None:
-        times["wait_source"] = worker.spool.wait_s
     if decoder is not None:
         times["decode"] = decoder.decode_s
     if sink is not None:
@@ -990,14 +1021,15 @@ def _shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, receiver: R
         times["encode"] = sink.encode_s
     failure = msgr.error[0] if msgr.error else ""
     code = msgr.error[1] if msgr.error else 0
-    per_rank = comm.gather({"rank": rank, "times": times, "counts": counts, "failure": failure, "code": code,
+    events = worker.events if worker is not None else []
+    per_rank = comm.gather({"rank": rank, "times": times, "counts": counts, "events": events, "failure": failure, "code": code,
                             "peer_failure": msgr.peer_failure, "stopped": bool(msgr.stop), "reason": msgr.stop.reason,
                             "signal": msgr.stop.signal_name, "frames": len(plan.ranks[rank].todo)}, root=0)
     verdict = None
     report: dict[str, Any] = {}
     if rank == 0:
         verdict, report = _finish_on_root(per_rank, buffer, encoder, sink, setup, plan, opts, threads, device,
-                                          precision, t_start, size)
+                                          precision, clock, size)
     verdict = comm.bcast(verdict, root=0)
     kind, message, exit_code = verdict
     if kind == "failed":
@@ -1013,7 +1045,8 @@ def _shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, receiver: R
 
 
 def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, sink: Sink | None, setup: Setup,
-                    plan: Plan, opts: StylizeOptions, threads: int, device: str, precision: str, t_start: float,
+                    plan: Plan, opts: StylizeOptions, threads: int, device: str, precision: str,
+                    clock: tuple[float, float],
                     size: int) -> tuple[tuple[str, str, int], dict[str, Any]]:
     failures = [p for p in per_rank if p["failure"]]
     complete = buffer is not None and buffer.complete()
@@ -1051,7 +1084,9 @@ def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, s
             encoder.abort()
         if buffer is not None:
             buffer.close()
+    t_start, t_work = clock
     elapsed = time.perf_counter() - t_start
+    setup_s = t_work - t_start
     report = {
         "mpistyle": __version__,
         "input": opts.input,
@@ -1069,9 +1104,11 @@ def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, s
         "halo_fusion_steps": plan.halo_cost(),
         "boundaries": boundaries(setup.n_frames, size),
         "wall_s": elapsed,
+        "work_s": elapsed - setup_s,
         "frames_per_s": sum(p["frames"] for p in per_rank) / max(elapsed, 1e-9),
-        "per_rank": [{"rank": p["rank"], "frames": p["frames"], "times_s": p["times"], "counts": p["counts"]}
-                     for p in per_rank],
+        "setup_s": setup_s,
+        "per_rank": [{"rank": p["rank"], "frames": p["frames"], "times_s": p["times"], "counts": p["counts"],
+                      "events": p["events"]} for p in per_rank],
         "outcome": verdict[0],
     }
     if verdict[0] == "done":
