@@ -1,0 +1,199 @@
+"""Flow-guided temporal fusion of per-frame stylizations (a cheap, sequential, resumable filter).
+
+``out_t = s_t (1 - a) + warp(out_{t-1}, flow_back) a`` with ``a = strength * mask``: the previous
+*output* is carried into frame t by optical flow computed on the *source* frames and blended
+with the fresh stylization ``s_t`` where the forward-backward check trusts the flow; occluded
+and disoccluded pixels (mask 0) take the fresh stylization as is.
+
+Properties the MPI pipeline builds on:
+
+* The carried state is exactly ``(previous source frame, previous output frame)``, both uint8,
+  and every step is deterministic, so a run resumed from a saved output frame is bit-identical.
+* The map from state to output is a contraction: the contribution of the state to ``out_t`` is
+  weighted by at most ``strength``, so a wrong state (a rank's cold start) decays like
+  ``strength**k`` over k frames. Rank halos of K frames therefore converge to the 1-rank
+  result up to the uint8 rounding floor (see :func:`fuse`).
+* A scene cut (mean mask below ``scene_cut``) resets to the fresh stylization: nothing is
+  smeared across cuts.
+
+Defaults, measured on the bundled real clips with a stand-in flickery stylizer (each frame with
+its own random colour gain 0.85-1.15, offset +-12 and Gaussian noise sigma 8), warping error
+(:mod:`mpistyle.metrics`) and PSNR to the clean frames (ghosting lowers it):
+
+* ``strength`` 0.7: on bbb_640x272 (40 frames) the warping error falls by 79/85/90/92/94 % at
+  strength 0.5/0.6/0.7/0.8/0.9 while PSNR to the clean frames peaks at 0.7 (28.6, 29.1, 29.3,
+  28.9, 27.6 dB; 24.7 dB unfused); carphone agrees (-87 %, 28.5 dB at 0.7). Above 0.8 the output
+  lags/ghosts more than it gains; a wrong state decays to 1 % in 13 frames (0.7**13).
+* ``flow_preset`` "fast": beats "ultrafast" clearly (-90 % vs -81 % warping error on bbb at 0.7)
+  and equals "medium" on bbb (-89 %) while beating it on the small carphone clip (-87 % vs -73 %),
+  at a fifth of medium's cost.
+* ``scene_cut`` 0.25: consecutive frames of the clips have confidence >= 0.76 with DIS fast (mean
+  0.86-0.93; >= 0.55 with ultrafast/medium on the 128x72 clip), frames across a cut (bbb vs
+  carphone) <= 0.10, and bbb frames 100 frames apart (same set, large motion) still 0.65-0.70.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpistyle.errors import MpistyleError
+from mpistyle.flow import DIS_PRESETS, FLOW_METHODS, FlowEstimator, PairFlow, pair_flow, to_gray, warp
+
+logger = logging.getLogger(__name__)
+
+TEMPORAL_MODES = ("flow", "none")
+
+
+@dataclass(frozen=True)
+class TemporalSettings:
+    """How frames are fused over time; validated on creation (MpistyleError on bad values)."""
+
+    mode: str = "flow"  # "flow" or "none"
+    strength: float = 0.7  # weight of the warped previous output where the mask trusts the flow
+    scene_cut: float = 0.25  # confidence below this resets the state (fresh stylization)
+    flow_method: str = "dis"
+    flow_preset: str = "fast"
+
+    def __post_init__(self) -> None:
+        if self.mode not in TEMPORAL_MODES:
+            raise MpistyleError(f"unknown temporal mode {self.mode!r} (choose from {', '.join(TEMPORAL_MODES)})")
+        if not 0.0 <= self.strength < 1.0:
+            raise MpistyleError(f"temporal strength must be in [0, 1), got {self.strength}")
+        if not 0.0 <= self.scene_cut <= 1.0:
+            raise MpistyleError(f"scene-cut threshold must be in [0, 1], got {self.scene_cut}")
+        if self.flow_method not in FLOW_METHODS:
+            raise MpistyleError(
+                f"unknown flow method {self.flow_method!r} (choose from {', '.join(FLOW_METHODS)})")
+        if self.flow_method == "dis" and self.flow_preset not in DIS_PRESETS:
+            raise MpistyleError(
+                f"unknown DIS preset {self.flow_preset!r} (choose from {', '.join(DIS_PRESETS)})")
+
+    def halo_frames(self, tolerance: float = 0.01) -> int:
+        """Frames of warm-up after which a wrong initial state weighs below ``tolerance``."""
+        if self.mode == "none" or self.strength == 0.0:
+            return 0
+        return int(np.ceil(np.log(tolerance) / np.log(self.strength)))
+
+
+def fuse(stylized: np.ndarray, warped_prev: np.ndarray, mask: np.ndarray, strength: float) -> np.ndarray:
+    """``stylized (1 - a) + warped_prev a`` with ``a = strength * mask``, float32 math, rounded to uint8.
+
+    Pure and deterministic. As a map of ``warped_prev`` it is a contraction with factor
+    ``strength``; the final rounding to uint8 means two different states converge to within
+    about ``1 / (1 - strength)`` grey levels (a quantised contraction can have several fixed
+    points), not always to bit equality.
+    """
+    if stylized.shape != warped_prev.shape or stylized.shape[:2] != mask.shape:
+        raise ValueError(f"fuse: shapes differ: stylized {stylized.shape}, warped {warped_prev.shape}, "
+                         f"mask {mask.shape}")
+    # numpy, not cv2.blendLinear (faster, but SIMD-dependent rounding): element-wise IEEE float32 ops give the same bits
+    # on every CPU, so ranks and resumed runs on other node types agree exactly.
+    a = (np.float32(strength) * mask.astype(np.float32, copy=False))[..., None]
+    s = stylized.astype(np.float32)
+    out = warped_prev.astype(np.float32)
+    out -= s  # s + a (w - s) == s (1 - a) + w a, with one product fewer
+    out *= a
+    out += s
+    np.rint(out, out=out)
+    np.clip(out, 0, 255, out=out)
+    return out.astype(np.uint8)
+
+
+class TemporalFuser:
+    """Sequential fusion state: feed frames in order with :meth:`step`."""
+
+    def __init__(self, settings: TemporalSettings) -> None:
+        self.settings = settings
+        self._estimator: FlowEstimator | None = None
+        self._prev_source: np.ndarray | None = None
+        self._prev_gray: np.ndarray | None = None
+        self._prev_output: np.ndarray | None = None
+        self._last_was_cut = False
+
+    @property
+    def estimator(self) -> FlowEstimator:
+        """The fuser's own flow estimator (created on first use; not shared across threads)."""
+        if self._estimator is None:
+            self._estimator = FlowEstimator(self.settings.flow_method, self.settings.flow_preset)
+        return self._estimator
+
+    @property
+    def last_was_cut(self) -> bool:
+        """True when the last :meth:`step` detected a scene cut and restarted from the stylization."""
+        return self._last_was_cut
+
+    @property
+    def has_state(self) -> bool:
+        return self._prev_output is not None
+
+    @property
+    def state(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(previous source, previous output), or None when the next frame starts fresh."""
+        if self._prev_source is None or self._prev_output is None:
+            return None
+        return self._prev_source, self._prev_output
+
+    def reset(self, prev_source: np.ndarray | None = None, prev_output: np.ndarray | None = None) -> None:
+        """Drop the state (both None) or continue from ``(prev_source, prev_output)``."""
+        self._last_was_cut = False
+        if prev_source is None and prev_output is None:
+            self._prev_source = self._prev_gray = self._prev_output = None
+            return
+        if prev_source is None or prev_output is None:
+            raise ValueError("reset needs both prev_source and prev_output, or neither")
+        _check_frame("prev_source", prev_source)
+        _check_frame("prev_output", prev_output)
+        if prev_source.shape != prev_output.shape:
+            raise MpistyleError(
+                f"saved output frame is {prev_output.shape[1]}x{prev_output.shape[0]} but the video is "
+                f"{prev_source.shape[1]}x{prev_source.shape[0]}")
+        # Private copies: the caller may reuse its buffers.
+        self._prev_source = np.array(prev_source, copy=True)
+        self._prev_output = np.array(prev_output, copy=True)
+        self._prev_gray = None
+
+    def step(self, source: np.ndarray, stylized: np.ndarray, pair: PairFlow | None = None) -> np.ndarray:
+        """Fuse one frame; return out_t (uint8) and make ``(source, out_t)`` the new state.
+
+        ``pair`` may be precomputed with ``pair_flow(est, to_gray(prev_source), to_gray(source))``
+        (e.g. in another thread); it is ignored when there is no state. When nothing is fused
+        (mode "none", first frame, scene cut) the returned array is ``stylized`` itself.
+        """
+        _check_frame("source", source)
+        _check_frame("stylized", stylized)
+        if source.shape != stylized.shape:
+            raise MpistyleError(f"stylized frame {stylized.shape} does not match source frame {source.shape}")
+        self._last_was_cut = False
+        if self.settings.mode == "none":
+            return stylized
+        out = stylized
+        gray = None
+        if self._prev_output is not None:
+            if self._prev_output.shape != source.shape:
+                raise MpistyleError(f"frame size changed from {self._prev_output.shape} to {source.shape}")
+            if pair is None:
+                if self._prev_gray is None:
+                    self._prev_gray = to_gray(self._prev_source)
+                gray = to_gray(source)
+                pair = pair_flow(self.estimator, self._prev_gray, gray)
+            elif pair.mask.shape != source.shape[:2]:
+                raise ValueError(f"precomputed flow {pair.mask.shape} does not fit frame {source.shape}")
+            if pair.confidence < self.settings.scene_cut:
+                logger.debug("scene cut: flow confidence %.3f < %.3f", pair.confidence, self.settings.scene_cut)
+                self._last_was_cut = True
+            else:
+                out = fuse(stylized, warp(self._prev_output, pair.flow_back), pair.mask, self.settings.strength)
+        self._prev_source = np.array(source, copy=True)
+        self._prev_output = np.array(out, copy=True)
+        self._prev_gray = gray  # None -> recomputed from _prev_source when needed
+        return out
+
+
+def _check_frame(name: str, frame: np.ndarray) -> None:
+    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        shape = getattr(frame, "shape", None)
+        raise ValueError(f"{name} must be a uint8 (H, W, 3) RGB frame, got {getattr(frame, 'dtype', type(frame))} "
+                         f"{shape}")

@@ -1,0 +1,127 @@
+"""PSNR, Lai et al.'s warping error and the `evaluate` command, on the real clips."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+
+from mpistyle.errors import MpistyleError
+from mpistyle.metrics import _fit, add_arguments, evaluate, format_table, main, psnr, warping_errors
+from mpistyle.video import iter_frames, read_all
+
+from .conftest import BBB, CARPHONE, DATA
+
+
+@pytest.fixture(scope="module")
+def carphone() -> np.ndarray:
+    return read_all(str(CARPHONE))
+
+
+def test_psnr():
+    a = np.full((4, 5, 3), 100, np.uint8)
+    assert psnr(a, a) == math.inf
+    assert psnr(a, a + 1) == pytest.approx(20 * math.log10(255), abs=1e-9)  # MSE 1 -> 48.13 dB
+    assert psnr(a, a + 10) < psnr(a, a + 1)
+    # no uint8 wrap-around: 0 vs 255 is the worst case, 0 dB
+    assert psnr(np.zeros_like(a), np.full_like(a, 255)) == pytest.approx(0.0)
+
+
+def test_static_video_has_zero_error(carphone):
+    frames = [carphone[0]] * 5
+    errs = warping_errors(frames, frames)
+    assert errs.shape == (4,)
+    assert np.all(errs == 0.0)
+
+
+def test_pixels_entering_the_frame_are_not_counted():
+    """A camera pan over a real frame: the consistent output scores ~0 (entering pixels masked)."""
+    big = next(iter_frames(str(DATA / "bbb_640x272.mp4")))
+    frames = [np.ascontiguousarray(big[40:200, 100 + 8 * i:340 + 8 * i]) for i in range(4)]
+    errs = warping_errors(frames, frames)
+    assert np.all(errs < 2e-5), errs  # without the occlusion mask the new 8-px strip costs ~5e-4
+
+
+def test_flicker_raises_the_error_and_generators_stream(carphone):
+    clean = warping_errors(iter(carphone), (f for f in carphone))
+    assert clean.shape == (len(carphone) - 1,)
+    rng = np.random.default_rng(0)
+    noisy = [np.clip(f.astype(int) + rng.integers(-20, 21, size=3), 0, 255).astype(np.uint8) for f in carphone]
+    flick = warping_errors(carphone, noisy)
+    assert np.all(flick > clean)
+    # a brightness jump of d grey levels everywhere costs about (d/255)^2 in the masked MSE
+    bright = list(carphone)
+    bright[6] = np.clip(bright[6].astype(int) + 30, 0, 255).astype(np.uint8)
+    jump = warping_errors(carphone, bright)
+    assert jump[5] > clean[5] + 0.5 * (30 / 255) ** 2 and jump[6] > clean[6] + 0.5 * (30 / 255) ** 2
+    assert np.allclose(np.delete(jump, [5, 6]), np.delete(clean, [5, 6]))
+    assert np.allclose(warping_errors(carphone, carphone, flow_method="farneback"), clean, rtol=1.0, atol=1e-3)
+
+
+def test_length_or_size_mismatch_is_a_user_error(carphone):
+    with pytest.raises(MpistyleError, match="ends after"):
+        warping_errors(carphone, carphone[:-1])
+    with pytest.raises(MpistyleError, match="ends after"):
+        warping_errors(carphone[:-1], carphone)
+    with pytest.raises(MpistyleError, match="output is"):
+        warping_errors(carphone, [f[:-2] for f in carphone])
+
+
+def test_fit_crops_padding_and_resizes():
+    src = np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3)
+    padded = np.zeros((6, 8, 3), np.uint8)
+    padded[:5, :7] = src
+    assert np.array_equal(_fit(padded, 5, 7), src)
+    assert _fit(np.zeros((10, 14, 3), np.uint8), 5, 7).shape == (5, 7, 3)
+
+
+def test_evaluate_bbb_against_itself():
+    res = evaluate(str(BBB), str(BBB), boundaries=[8, 16])
+    json.dumps(res)  # JSON-able
+    assert res["frames"] == 24 and len(res["per_pair"]) == 23
+    per = np.array(res["per_pair"])
+    assert res["warping_error"] == pytest.approx(per.mean())
+    assert res["boundary_pairs"]["indices"] == [7, 15]
+    assert res["boundary_pairs"]["mean"] == pytest.approx(per[[7, 15]].mean())
+    assert res["interior_mean"] == pytest.approx(np.delete(per, [7, 15]).mean())
+    assert 0 < res["warping_error"] < 2e-3  # the source itself is temporally consistent
+    table = format_table(res)
+    assert "boundary" in table and "interior" in table and f"{res['interior_mean'] * 1e3:.4f}" in table
+    # --partitions 3 on 24 frames is the pipeline's split 0-7 | 8-15 | 16-23
+    assert evaluate(str(BBB), str(BBB), partitions=3)["boundary_pairs"]["indices"] == [7, 15]
+
+
+def test_evaluate_rejects_bad_input(tmp_path):
+    with pytest.raises(MpistyleError):
+        evaluate(str(BBB), str(BBB), boundaries=[24])
+    with pytest.raises(MpistyleError):
+        evaluate(str(BBB), str(BBB), boundaries=[0])
+    with pytest.raises(MpistyleError):
+        evaluate(str(BBB), str(CARPHONE))  # 24 vs 12 frames
+    with pytest.raises(MpistyleError):
+        evaluate(str(tmp_path / "missing.mp4"), str(BBB))
+
+
+def test_main_cli(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "r.json"
+    args = parser.parse_args([str(BBB), str(BBB), "--partitions", "2", "--json", str(out)])
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "boundary pairs [12]" in printed
+    saved = json.loads(out.read_text())
+    assert saved["boundary_pairs"]["indices"] == [11] and saved["frames"] == 24
+    args = parser.parse_args([str(BBB), str(BBB), "--boundaries", "5,10", "--json", "-", "--flow", "farneback"])
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{"):])["boundary_pairs"]["boundaries"] == [5, 10]
+    args = parser.parse_args([str(BBB), str(BBB), "--json", str(tmp_path / "no" / "such" / "r.json")])
+    with pytest.raises(MpistyleError, match="does not exist"):
+        main(args)
+    for bad in (["--partitions", "0"], ["--boundaries", "a,b"], ["--boundaries", "3", "--partitions", "2"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args([str(BBB), str(BBB), *bad])
