@@ -96,6 +96,12 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=_positive_int, default=None,
                    help="threads per rank (default SLURM_CPUS_PER_TASK, else node cores / ranks on the node)")
     g.add_argument("--chunk", type=_positive_int, default=8, help="frames per scatter message (default 8)")
+    g.add_argument("--schedule", choices=("static", "dynamic"), default="static",
+                   help="static: one contiguous partition per rank, halos exchanged between neighbours "
+                        "(default); dynamic: more contiguous chunks than ranks, handed out on demand (for nodes "
+                        "of unequal speed; each chunk re-stylizes its own halo frames)")
+    g.add_argument("--chunks", type=_positive_int, default=None,
+                   help="number of chunks for --schedule dynamic (default 4 per rank)")
     g.add_argument("--scratch", default=None,
                    help="directory for each rank's spool of source frames (default $TMPDIR)")
     g = p.add_argument_group("buffer and output")
@@ -124,7 +130,8 @@ def _stylize_options(args: argparse.Namespace) -> object:
         input=args.input, output=args.output, model=args.model, temporal=temporal, halo=args.halo,
         width=args.width, height=args.height, scale=args.scale, device=args.device, precision=args.precision,
         batch=args.batch or 0, buffer=args.buffer, restart=args.restart, keep_buffer=args.keep_buffer,
-        threads=args.threads, scratch=args.scratch, chunk=args.chunk, crf=args.crf, report=args.report,
+        threads=args.threads, scratch=args.scratch, chunk=args.chunk, schedule=args.schedule,
+        chunks=args.chunks or 0, crf=args.crf, report=args.report,
         progress=not args.no_progress)
 
 
@@ -229,9 +236,9 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
 
 def _abort_world(code: int) -> None:
     """An unexpected exception on one rank must end every rank (python -m mpi4py does the same)."""
-    mpi4py = sys.modules.get("mpi4py.MPI")
-    if mpi4py is not None and mpi4py.Is_initialized() and not mpi4py.Is_finalized() and mpi4py.COMM_WORLD.Get_size() > 1:
-        mpi4py.COMM_WORLD.Abort(code)
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() and mpi.COMM_WORLD.Get_size() > 1:
+        mpi.COMM_WORLD.Abort(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -46,7 +46,7 @@ from .temporal import TemporalSettings
 
 logger = logging.getLogger(__name__)
 
-TAG_SRC, TAG_OUT, TAG_HALO, TAG_STATE, TAG_STOP, TAG_FIN = 101, 102, 103, 104, 105, 106
+TAG_SRC, TAG_OUT, TAG_HALO, TAG_STATE, TAG_STOP, TAG_FIN, TAG_REQ, TAG_GIVE = 101, 102, 103, 104, 105, 106, 107, 108
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".m4v")
 SHUTDOWN_TIMEOUT_S = 120.0
 MAX_EVENTS = 50_000
@@ -71,6 +71,8 @@ class StylizeOptions:
     threads: int | None = None
     scratch: str | None = None
     chunk: int = 8
+    schedule: str = "static"  # static: one contiguous partition per rank; dynamic: chunks on demand
+    chunks: int = 0  # dynamic: number of contiguous chunks (0: 4 per rank)
     crf: int = 18
     report: str | None = None
     progress: bool = True
@@ -212,6 +214,7 @@ class SourceSpool:
     def __init__(self, frames: Sequence[int], shape: tuple[int, int, int], scratch: str | None,
                  stop: StopFlag, interrupted: Any) -> None:
         self.slot = {t: i for i, t in enumerate(frames)}
+        self._next_slot = len(self.slot)
         self.shape = shape
         self.nbytes = int(np.prod(shape))
         self._file = tempfile.TemporaryFile(dir=scratch, prefix="mpistyle-spool-")
@@ -219,6 +222,15 @@ class SourceSpool:
         self._cond = threading.Condition()
         self._interrupted = interrupted
         self.wait_s = 0.0
+
+    def extend(self, frames: Sequence[int]) -> None:
+        """Expect more frames (dynamic schedule: the next chunk). A frame seen before (the halo
+        overlap of consecutive chunks) maps to its new copy; both hold the same pixels."""
+        with self._cond:
+            base = self._next_slot
+            for i, t in enumerate(frames):
+                self.slot.setdefault(t, base + i)  # an earlier copy is already here: keep using it
+            self._next_slot = base + len(frames)
 
     def append(self, frames: np.ndarray) -> None:
         data = np.ascontiguousarray(frames).tobytes()
@@ -247,10 +259,13 @@ class SourceSpool:
 class Receiver(threading.Thread):
     """Ranks > 0: receive scatter chunks from rank 0 into the spool (two receives in flight)."""
 
-    def __init__(self, comm: Any, chunks: list[list[int]], spool: SourceSpool, msgr: Messenger) -> None:
+    def __init__(self, comm: Any, chunks: list[list[int]], spool: SourceSpool, msgr: Messenger,
+                 dynamic: bool = False, chunk: int = 8) -> None:
         super().__init__(name="mpistyle-receiver", daemon=True)
         self.comm, self.chunks, self.spool, self.msgr = comm, chunks, spool, msgr
         self.cancel = threading.Event()
+        self.dynamic, self.chunk = dynamic, chunk
+        self.assigned: queue.Queue[list[int]] = queue.Queue()  # dynamic: source frames of each new chunk
 
     def run(self) -> None:
         try:
@@ -259,6 +274,18 @@ class Receiver(threading.Thread):
             self.msgr.fail(describe(exc))
 
     def _run(self) -> None:
+        if not self.dynamic:
+            self._receive(self.chunks)
+            return
+        while not self.cancel.is_set():  # dynamic: one assigned chunk after another
+            try:
+                frames = self.assigned.get(timeout=0.01)
+            except queue.Empty:
+                continue
+            self._receive(chunk_list(frames, self.chunk))
+
+    def _receive(self, chunks: list[list[int]]) -> None:
+        self.chunks = chunks
         cap = max((len(c) for c in self.chunks), default=0) * self.spool.nbytes
         buffers = [np.empty(cap, dtype=np.uint8) for _ in range(2)]
         posted: list[tuple[Any, int, int]] = []  # (request, buffer index, chunk index)
@@ -281,13 +308,21 @@ class Receiver(threading.Thread):
 
 
 class Decoder(threading.Thread):
-    """Rank 0: decode once, in order, and send every rank the frames it needs in chunks."""
+    """Rank 0: decode once, in order, and send every rank the frames it needs in chunks.
+
+    Dynamic schedule: the destinations of a chunk's frames are known only once a rank asked for
+    that chunk; the decoder waits for the assignment, and keeps the last ``halo + 1`` frames so the
+    next chunk's warm-up frames need no second decode.
+    """
 
     def __init__(self, comm: Any, input_path: str, size: tuple[int, int], plan: Plan, chunk: int,
-                 own_spool: SourceSpool, msgr: Messenger) -> None:
+                 own_spool: SourceSpool, msgr: Messenger, scheduler: Scheduler | None = None) -> None:
         super().__init__(name="mpistyle-decoder", daemon=True)
         self.comm, self.input_path, self.size, self.msgr = comm, input_path, size, msgr
         self.own_spool = own_spool
+        self.scheduler, self.chunk, self.keep = scheduler, chunk, plan.halo + 2
+        if scheduler is not None:
+            plan = Plan(plan.n_frames, plan.n_ranks, plan.halo, [])  # destinations come from the scheduler
         self.needs: dict[int, list[int]] = defaultdict(list)
         self.chunks: dict[int, list[list[int]]] = {}
         for rp in plan.ranks:
@@ -302,9 +337,60 @@ class Decoder(threading.Thread):
 
     def run(self) -> None:
         try:
-            self._run()
+            if self.scheduler is not None:
+                self._run_dynamic()
+            else:
+                self._run()
         except Exception as exc:  # noqa: BLE001 - reported to the main thread
             self.msgr.fail(describe(exc))
+
+    def _run_dynamic(self) -> None:
+        from .video import iter_frames
+
+        scheduler = self.scheduler
+        assert scheduler is not None
+        w, h = self.size
+        frames = iter_frames(self.input_path, size=self.size)
+        recent: dict[int, np.ndarray] = {}
+        decoded = -1
+        reqs: list[tuple[Any, np.ndarray]] = []
+        try:
+            for c in scheduler.order:
+                while c not in scheduler.assigned:  # wait until a rank asks for it
+                    if self.msgr.stop or scheduler.exhausted():
+                        return
+                    time.sleep(0.002)
+                dest = scheduler.assigned[c]
+                wanted = scheduler.plan.ranks[c].source_frames()
+                for group in chunk_list(wanted, self.chunk):
+                    block = np.empty((len(group), h, w, 3), dtype=np.uint8)
+                    for i, t in enumerate(group):
+                        while decoded < t:
+                            start = time.perf_counter()
+                            frame = next(frames, None)
+                            self.decode_s += time.perf_counter() - start
+                            if frame is None:
+                                raise MpistyleError(f"{self.input_path}: the video ended after {decoded + 1} frames "
+                                                    "although more were expected (truncated or corrupt file)")
+                            decoded += 1
+                            recent[decoded] = frame
+                            recent.pop(decoded - self.keep, None)
+                        block[i] = recent[t]
+                    if dest == 0:
+                        self.own_spool.append(block)
+                    else:
+                        reqs = [(r, b) for r, b in reqs if not r.Test()]
+                        while len(reqs) >= 4:
+                            poll_until(reqs[0][0].Test)
+                            reqs.pop(0)
+                        reqs.append((self.comm.Isend(block.reshape(-1), dest=dest, tag=TAG_SRC), block))
+                    if self.msgr.stop:
+                        return
+            self.frames_decoded = decoded + 1
+        finally:
+            frames.close()
+            for r, _ in reqs:
+                poll_until(r.Test)
 
     def _run(self) -> None:
         from .video import iter_frames
@@ -358,6 +444,55 @@ class Decoder(threading.Thread):
             st["fill"] = 0
 
 
+class Scheduler:
+    """Rank 0: hands out contiguous chunks in order to whichever rank asks (dynamic schedule).
+
+    Remote requests are answered from the sink thread's loop (it runs until every rank has said
+    it is finished, so no request goes unanswered); rank 0's own worker calls :meth:`take`.
+    The answer carries the stored output frames a chunk needs to resume exactly.
+    """
+
+    def __init__(self, plan: Plan, buffer: Any, n_ranks: int) -> None:
+        self.plan = plan  # one RankPlan per chunk
+        self.order = [rp.rank for rp in plan.ranks if rp.runs]
+        self.assigned: dict[int, int] = {}
+        self.by_rank: dict[int, list[int]] = defaultdict(list)
+        self.buffer = buffer
+        self._next = 0
+        self._lock = threading.Lock()
+        self._told_done: set[int] = set()
+        self._replies: list[Any] = []
+        self.n_ranks = n_ranks
+
+    def take(self, rank: int) -> tuple[int, dict[int, np.ndarray]]:
+        with self._lock:
+            if self._next >= len(self.order):
+                self._told_done.add(rank)
+                return -1, {}
+            chunk = self.order[self._next]
+            self._next += 1
+            self.assigned[chunk] = rank
+            self.by_rank[rank].append(chunk)
+        states = {t: np.asarray(self.buffer.read(t)) for t in self.plan.ranks[chunk].buffer_frames()}
+        return chunk, states
+
+    def exhausted(self) -> bool:
+        return self._next >= len(self.order)
+
+    def serve(self, comm: Any) -> bool:
+        """Answer pending remote requests; True when something was answered."""
+        served = False
+        while comm.iprobe(source=mpi_any_source(), tag=TAG_REQ):
+            status = _status()
+            comm.recv(source=mpi_any_source(), tag=TAG_REQ, status=status)
+            source = status.Get_source()
+            # isend: never block the sink on a rank that is busy (it always collects its answer)
+            self._replies.append(comm.isend(self.take(source), dest=source, tag=TAG_GIVE))
+            served = True
+        self._replies = [r for r in self._replies if not r.Test()]
+        return served
+
+
 # --------------------------------------------------------------------------------------------
 # gather: ranks -> sink (rank 0) -> buffer + encoder
 
@@ -377,6 +512,7 @@ class Sink(threading.Thread):
         self.show_progress = progress
         self.write_s = 0.0
         self.encode_s = 0.0
+        self.scheduler: Scheduler | None = None
         self.failed = False
         self.encode_error = ""
 
@@ -418,6 +554,8 @@ class Sink(threading.Thread):
                         break
                     self._write(index, frame)
                     busy = True
+                if self.scheduler is not None and size > 1:
+                    busy = self.scheduler.serve(self.comm) or busy
                 while size > 1 and self.comm.iprobe(source=mpi_any_source(), tag=TAG_FIN):
                     status = _status()
                     count = self.comm.recv(source=mpi_any_source(), tag=TAG_FIN, status=status)
@@ -547,6 +685,9 @@ class RankWorker:
         self.flow_est = FlowEstimator(temporal.flow_method, temporal.flow_preset) if self.flow_mode else None
         self.flow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpistyle-flow")
         self.cache: dict[int, np.ndarray] = {}  # raw network outputs of exported frames
+        self.local_halo = False
+        self.awaiting_chunk = False
+        self.emitted = 0
         self.pending: list[tuple[Any, np.ndarray]] = []  # in-flight sends and their buffers
         self.sent = 0
         self.times: dict[str, float] = defaultdict(float)
@@ -565,6 +706,37 @@ class RankWorker:
         for run in self.rp.runs:
             self._process_run(run)
 
+    def run_dynamic(self, scheduler: Scheduler | None, receiver: Receiver | None) -> None:
+        """Dynamic schedule: ask rank 0 for chunks until none are left. The next chunk is asked for
+        when the current one starts, so its frames stream in while this one is stylized."""
+        self.local_halo = True
+        self._scheduler, self._receiver = scheduler, receiver
+        current = self._take()
+        while current >= 0:
+            following = self._take()
+            self.counts["chunks"] += 1
+            for run in self.plan.ranks[current].runs:
+                self._process_run(run)
+            current = following
+
+    def _take(self) -> int:
+        if self._scheduler is not None:  # rank 0 asks its own scheduler directly
+            chunk, states = self._scheduler.take(0)
+        else:
+            self.comm.send(None, dest=0, tag=TAG_REQ)
+            self.awaiting_chunk = True
+            if not poll_until(lambda: self.comm.iprobe(source=0, tag=TAG_GIVE), self.msgr.interrupted):
+                raise _Stopped()
+            chunk, states = self.comm.recv(source=0, tag=TAG_GIVE)
+            self.awaiting_chunk = False
+        if chunk >= 0:
+            frames = self.plan.ranks[chunk].source_frames()
+            self.spool.extend(frames)
+            if self._receiver is not None:
+                self._receiver.assigned.put(frames)
+            self.state_frames.update(states)
+        return chunk
+
     def _stylize_exports(self) -> None:
         frames = sorted(self.rp.exports)
         for i in range(0, len(frames), self.batch):
@@ -582,14 +754,25 @@ class RankWorker:
             self.fuser.reset(prev_source=self._source(run.state_frame),
                              prev_output=self.state_frames[run.state_frame])
         has_prev = run.state_frame is not None
-        self._stylize_ahead_while_halo_arrives(run)
+        if self.local_halo:  # dynamic schedule: the halo's network outputs are computed here
+            halo = list(run.halo_frames)
+            raw = {}
+            for i in range(0, len(halo), self.batch):
+                group = halo[i:i + self.batch]
+                raw.update(zip(group, self._network([self._source(t) for t in group]), strict=True))
+                self.counts["halo_network_frames"] += len(group)
+        else:
+            self._stylize_ahead_while_halo_arrives(run)
         # Warm-up over the halo: raw network outputs come from their owners.
         for t in run.halo_frames:
             pair = self._pair(t) if has_prev else None
-            start = time.perf_counter()
-            req, buf = self.halo_reqs[t]
-            self.msgr.wait(req)
-            self._record("wait_halo", start)
+            if self.local_halo:
+                buf = raw.pop(t)
+            else:
+                start = time.perf_counter()
+                req, buf = self.halo_reqs[t]
+                self.msgr.wait(req)
+                self._record("wait_halo", start)
             self._fuse(t, buf, pair)
             self.counts["halo_frames"] += 1
             has_prev = True
@@ -679,7 +862,8 @@ class RankWorker:
         return out
 
     def _emit(self, t: int, out: np.ndarray) -> None:
-        _inject_fault(self.rp.rank, t)
+        _inject_fault(self.comm.Get_rank(), t)
+        self.emitted += 1
         start = time.perf_counter()
         if self.sink is not None:  # rank 0 hands frames to its own sink thread
             while True:
@@ -877,8 +1061,11 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     t_work = time.perf_counter()  # all ranks leave the setup collective together: a shared time origin
     batch = opts.batch or (4 if device_type == "cuda" else 1)
     temporal_on = opts.temporal.mode != "none"
-    plan = make_plan(setup.n_frames, size, opts.halo, done=list(setup.done), temporal=temporal_on)
-    rp = plan.ranks[rank]
+    dynamic = opts.schedule == "dynamic"
+    n_parts = (opts.chunks or 4 * size) if dynamic else size
+    plan = make_plan(setup.n_frames, n_parts, opts.halo, done=list(setup.done), temporal=temporal_on)
+    # Static: this rank's partition. Dynamic: chunks arrive one by one; start with nothing.
+    rp = plan.ranks[rank] if not dynamic else RankPlan(rank=rank, bounds=(0, 0))
     logger.debug("rank %d/%d (local %d/%d): device %s, %d threads, partition %s, %d runs, %d to do",
                  rank, size, local_rank, local_size, device, threads, rp.bounds, len(rp.runs), len(rp.todo))
     if rank == 0:
@@ -889,11 +1076,11 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     spool = SourceSpool(rp.source_frames(), shape, opts.scratch, stop, msgr.interrupted)
     threads_started: list[threading.Thread] = []
     receiver = decoder = sink = None
-    buffer = encoder = None
+    buffer = encoder = scheduler = None
     worker = None
     outcome = "done"
     try:
-        state_frames = _distribute_state_frames(comm, plan, setup, rp)
+        state_frames = _distribute_state_frames(comm, plan, setup, rp) if not dynamic else {}
         if rank == 0:
             from .buffer import FrameBuffer
             from .video import VideoEncoder
@@ -905,16 +1092,23 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
             encoder = VideoEncoder(opts.output, setup.width, setup.height, Fraction(setup.fps_num, setup.fps_den),
                                    audio_from=opts.input if setup.has_audio else None, crf=opts.crf, threads=1)
             sink = Sink(comm, buffer, encoder, setup, plan, msgr, opts.progress)
-            decoder = Decoder(comm, opts.input, (setup.width, setup.height), plan, opts.chunk, spool, msgr)
+            if dynamic:
+                scheduler = sink.scheduler = Scheduler(plan, buffer, size)
+            decoder = Decoder(comm, opts.input, (setup.width, setup.height), plan, opts.chunk, spool, msgr,
+                              scheduler=scheduler)
             threads_started += [sink, decoder]
         else:
-            receiver = Receiver(comm, chunk_list(rp.source_frames(), opts.chunk), spool, msgr)
+            receiver = Receiver(comm, chunk_list(rp.source_frames(), opts.chunk), spool, msgr, dynamic=dynamic,
+                                chunk=opts.chunk)
             threads_started.append(receiver)
         for th in threads_started:
             th.start()
         worker = RankWorker(comm, rp, plan, setup, stylizer, opts.temporal, spool, msgr, sink, batch, state_frames,
                             t0=t_work)
-        worker.run()
+        if dynamic:
+            worker.run_dynamic(scheduler, receiver)
+        else:
+            worker.run()
     except _Stopped:
         outcome = "stopped"
     except Exception as exc:  # noqa: BLE001 - every failure goes through the same shutdown
@@ -990,6 +1184,9 @@ def _shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, receiver: R
         msgr.broadcast_stop()
     if worker is not None:
         worker.finish_sends()
+        if worker.awaiting_chunk:  # collect rank 0's answer so its send completes
+            if poll_until(lambda: comm.iprobe(source=0, tag=TAG_GIVE), timeout=60):
+                comm.recv(source=0, tag=TAG_GIVE)
     if rank != 0:
         comm.send(worker.sent if worker is not None else 0, dest=0, tag=TAG_FIN)
     else:
@@ -1022,9 +1219,10 @@ def _shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, receiver: R
     failure = msgr.error[0] if msgr.error else ""
     code = msgr.error[1] if msgr.error else 0
     events = worker.events if worker is not None else []
-    per_rank = comm.gather({"rank": rank, "times": times, "counts": counts, "events": events, "failure": failure, "code": code,
-                            "peer_failure": msgr.peer_failure, "stopped": bool(msgr.stop), "reason": msgr.stop.reason,
-                            "signal": msgr.stop.signal_name, "frames": len(plan.ranks[rank].todo)}, root=0)
+    per_rank = comm.gather({"rank": rank, "times": times, "counts": counts, "events": events, "failure": failure,
+                            "code": code, "peer_failure": msgr.peer_failure, "stopped": bool(msgr.stop), "reason": msgr.stop.reason,
+                            "signal": msgr.stop.signal_name,
+                            "frames": worker.emitted if worker is not None else 0}, root=0)
     verdict = None
     report: dict[str, Any] = {}
     if rank == 0:
@@ -1034,7 +1232,8 @@ def _shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, receiver: R
     kind, message, exit_code = verdict
     if kind == "failed":
         if msgr.error:  # the failing rank says why, once
-            sys.stderr.write(f"mpistyle: error: {'rank %d: ' % rank if size > 1 else ''}{msgr.error[0]}\n")
+            where = f"rank {rank}: " if size > 1 else ""
+            sys.stderr.write(f"mpistyle: error: {where}{msgr.error[0]}\n")
         exc = MpistyleError(message)
         exc.exit_code = exit_code
         exc.already_reported = True  # type: ignore[attr-defined]
@@ -1102,7 +1301,9 @@ def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, s
         "temporal": asdict(opts.temporal),
         "halo": plan.halo,
         "halo_fusion_steps": plan.halo_cost(),
-        "boundaries": boundaries(setup.n_frames, size),
+        "boundaries": boundaries(setup.n_frames, plan.n_ranks),
+        "schedule": opts.schedule,
+        "parts": plan.n_ranks,
         "wall_s": elapsed,
         "work_s": elapsed - setup_s,
         "frames_per_s": sum(p["frames"] for p in per_rank) / max(elapsed, 1e-9),

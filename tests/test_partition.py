@@ -12,7 +12,7 @@ def test_partitions_cover_frames_contiguously(n: int, parts: int) -> None:
     bounds = partition_bounds(n, parts)
     assert len(bounds) == parts
     assert bounds[0][0] == 0 and bounds[-1][1] == n
-    for (a0, b0), (a1, b1) in zip(bounds, bounds[1:], strict=False):
+    for (a0, b0), (a1, _b1) in zip(bounds, bounds[1:], strict=False):
         assert b0 == a1 and a0 <= b0
     sizes = [b - a for a, b in bounds]
     assert max(sizes) - min(sizes) <= 1

@@ -35,8 +35,8 @@ def bbb_runs(tmp_path_factory, model_args) -> dict:
         report = tmp / f"{name}.json"
         proc = run_mpistyle(["stylize", str(BBB), "-o", str(out), *model_args, "--keep-buffer",
                              "--report", str(report)], ranks=ranks, check=True)
-        runs[ranks or 0] = {"out": out, "buffer": Path(str(out) + ".mpistyle.h5"), "report": json.loads(report.read_text()),
-                            "log": proc.stderr}
+        runs[ranks or 0] = {"out": out, "buffer": Path(str(out) + ".mpistyle.h5"),
+                            "report": json.loads(report.read_text()), "log": proc.stderr}
     return runs
 
 
@@ -116,3 +116,22 @@ def test_scale_option_sets_the_output_size(tmp_path, model_args) -> None:
                  check=True)
     info = probe(str(out))
     assert (info.width, info.height, info.n_frames) == (88, 72, 12)
+
+
+def test_dynamic_schedule_hands_out_chunks_without_seams(tmp_path, bbb_runs, model_args) -> None:
+    out = tmp_path / "dyn.mp4"
+    report = tmp_path / "dyn.json"
+    run_mpistyle(["stylize", str(BBB), "-o", str(out), *model_args, "--schedule", "dynamic", "--chunks", "6",
+                  "--keep-buffer", "--report", str(report)], ranks=3, check=True)
+    data = json.loads(report.read_text())
+    assert data["parts"] == 6 and data["boundaries"] == [4, 8, 12, 16, 20]
+    ranks = data["per_rank"]
+    assert sum(r["counts"].get("chunks", 0) for r in ranks) == 6
+    assert sum(r["frames"] for r in ranks) == 24
+    # the halo cost is accounted: every network pass beyond the 24 frames is a halo frame
+    extra = sum(r["counts"].get("halo_network_frames", 0) for r in ranks)
+    assert sum(r["counts"]["network_frames"] for r in ranks) == 24 + extra > 24
+    reference = _frames(bbb_runs[0]["buffer"])
+    frames = _frames(Path(str(out) + ".mpistyle.h5"))
+    assert min(psnr(a, b) for a, b in zip(reference, frames, strict=True)) >= 40.0
+    assert probe(str(out)).n_frames == 24
