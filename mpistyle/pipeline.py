@@ -1220,8 +1220,8 @@ def _shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, receiver: R
     code = msgr.error[1] if msgr.error else 0
     events = worker.events if worker is not None else []
     per_rank = comm.gather({"rank": rank, "times": times, "counts": counts, "events": events, "failure": failure,
-                            "code": code, "peer_failure": msgr.peer_failure, "stopped": bool(msgr.stop), "reason": msgr.stop.reason,
-                            "signal": msgr.stop.signal_name,
+                            "code": code, "peer_failure": msgr.peer_failure, "stopped": bool(msgr.stop),
+                            "reason": msgr.stop.reason, "signal": msgr.stop.signal_name,
                             "frames": worker.emitted if worker is not None else 0}, root=0)
     verdict = None
     report: dict[str, Any] = {}

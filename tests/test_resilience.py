@@ -16,7 +16,7 @@ import pytest
 from mpistyle.metrics import psnr
 from mpistyle.video import probe
 
-from .conftest import BBB, SAMPLE, ROOT, tool
+from .conftest import BBB, ROOT, SAMPLE, tool
 
 BUFFER_SUFFIX = ".mpistyle.h5"
 
