@@ -111,6 +111,12 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-buffer", action="store_true", help="keep the buffer after a successful run")
     g.add_argument("--crf", type=int, default=18, help="x264 quality (lower = better, default 18)")
     g.add_argument("--report", default=None, help="write a JSON report (timings per rank, frames/s) here")
+    g.add_argument("--metrics", action="store_true",
+                   help="after encoding, measure the warping error (overall, at partition boundaries, interior) "
+                        "and add it to the report")
+    g.add_argument("--plots", default=None, metavar="DIR",
+                   help="write PNG plots here: per-frame warping error with partition boundaries, per-rank "
+                        "timeline of the phases, source/stylized strip (implies --metrics)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
 
 
@@ -136,12 +142,25 @@ def _stylize_options(args: argparse.Namespace) -> object:
 
 
 def cmd_stylize(args: argparse.Namespace) -> int:
-    from .pipeline import run_stylize
+    from .pipeline import run_stylize, write_json
 
     report = run_stylize(_stylize_options(args))  # type: ignore[arg-type]
-    if report:
-        logger.info("wrote %s: %d frames in %.1f s (%.2f frames/s)", args.output, report["frames"],
-                    report["wall_s"], report["frames_per_s"])
+    if not report:  # ranks other than 0
+        return 0
+    logger.info("wrote %s: %d frames in %.1f s (%.2f frames/s)", args.output, report["frames"],
+                report["wall_s"], report["frames_per_s"])
+    if args.metrics or args.plots:
+        from .report import temporal_metrics, write_plots
+
+        report["temporal_metrics"] = temporal_metrics(args.input, args.output, report["boundaries"])
+        logger.info("warping error %.5f (boundary pairs %s, interior %s)",
+                    report["temporal_metrics"].get("warping_error", float("nan")),
+                    report["temporal_metrics"].get("boundary_mean"), report["temporal_metrics"].get("interior_mean"))
+        if args.plots:
+            report["plots"] = write_plots(report, args.input, args.output, args.plots)
+            logger.info("plots: %s", ", ".join(report["plots"]))
+    if args.report:
+        write_json(args.report, report)
     return 0
 
 

@@ -754,6 +754,9 @@ class RankWorker:
             self.fuser.reset(prev_source=self._source(run.state_frame),
                              prev_output=self.state_frames[run.state_frame])
         has_prev = run.state_frame is not None
+        # Queue the halo's flows first: the flow thread computes them while the network runs.
+        halo_pairs = {t: self._pair_future(t) for t in run.halo_frames
+                      if self.flow_mode and (has_prev or t != run.warm_start)}
         if self.local_halo:  # dynamic schedule: the halo's network outputs are computed here
             halo = list(run.halo_frames)
             raw = {}
@@ -765,7 +768,7 @@ class RankWorker:
             self._stylize_ahead_while_halo_arrives(run)
         # Warm-up over the halo: raw network outputs come from their owners.
         for t in run.halo_frames:
-            pair = self._pair(t) if has_prev else None
+            pair = self._wait_pair(halo_pairs.get(t))
             if self.local_halo:
                 buf = raw.pop(t)
             else:
@@ -840,9 +843,6 @@ class RankWorker:
             return result
 
         return self.flow_pool.submit(job)
-
-    def _pair(self, t: int) -> Any:
-        return self._wait_pair(self._pair_future(t)) if self.flow_mode else None
 
     def _wait_pair(self, fut: Future | None) -> Any:
         if fut is None:
@@ -1318,12 +1318,10 @@ def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, s
                 os.unlink(setup.buffer_path)
             except OSError:
                 pass
-        if opts.report:
-            _write_json(opts.report, report)
     return verdict, report
 
 
-def _write_json(path: str, data: dict[str, Any]) -> None:
+def write_json(path: str, data: dict[str, Any]) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2, default=str)
