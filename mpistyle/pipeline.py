@@ -442,6 +442,11 @@ class Decoder(threading.Thread):
             st["reqs"][slot] = self.comm.Isend(buf[: len(chunk) * fbytes], dest=r, tag=TAG_SRC)
             st["ci"] += 1
             st["fill"] = 0
+            if st["ci"] == len(self.chunks[r]):  # rank r has everything: free its buffers once sent
+                for req in st["reqs"]:
+                    if req is not None:
+                        poll_until(req.Test)
+                st["reqs"], st["bufs"] = [None, None], [None, None]
 
 
 class Scheduler:
