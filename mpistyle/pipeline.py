@@ -256,7 +256,22 @@ class SourceSpool:
         self._file.close()
 
 
-class Receiver(threading.Thread):
+class _Worker(threading.Thread):
+    """A helper thread whose failure is reported to the rank's main thread (which stops the job)."""
+
+    msgr: Messenger
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception as exc:  # noqa: BLE001 - reported to the main thread
+            self.msgr.fail(describe(exc))
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Receiver(_Worker):
     """Ranks > 0: receive scatter chunks from rank 0 into the spool (two receives in flight)."""
 
     def __init__(self, comm: Any, chunks: list[list[int]], spool: SourceSpool, msgr: Messenger,
@@ -266,12 +281,6 @@ class Receiver(threading.Thread):
         self.cancel = threading.Event()
         self.dynamic, self.chunk = dynamic, chunk
         self.assigned: queue.Queue[list[int]] = queue.Queue()  # dynamic: source frames of each new chunk
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except Exception as exc:  # noqa: BLE001 - reported to the main thread
-            self.msgr.fail(describe(exc))
 
     def _run(self) -> None:
         if not self.dynamic:
@@ -307,7 +316,7 @@ class Receiver(threading.Thread):
             self.spool.append(buffers[index][: n * self.spool.nbytes].reshape((n, *self.spool.shape)))
 
 
-class Decoder(threading.Thread):
+class Decoder(_Worker):
     """Rank 0: decode once, in order, and send every rank the frames it needs in chunks.
 
     Dynamic schedule: the destinations of a chunk's frames are known only once a rank asked for
@@ -334,15 +343,6 @@ class Decoder(threading.Thread):
         self.last_needed = max(self.needs, default=-1)
         self.decode_s = 0.0
         self.frames_decoded = 0
-
-    def run(self) -> None:
-        try:
-            if self.scheduler is not None:
-                self._run_dynamic()
-            else:
-                self._run()
-        except Exception as exc:  # noqa: BLE001 - reported to the main thread
-            self.msgr.fail(describe(exc))
 
     def _run_dynamic(self) -> None:
         from .video import iter_frames
@@ -393,6 +393,12 @@ class Decoder(threading.Thread):
                 poll_until(r.Test)
 
     def _run(self) -> None:
+        if self.scheduler is not None:
+            self._run_dynamic()
+        else:
+            self._run_static()
+
+    def _run_static(self) -> None:
         from .video import iter_frames
 
         if self.last_needed < 0:
@@ -502,7 +508,7 @@ class Scheduler:
 # gather: ranks -> sink (rank 0) -> buffer + encoder
 
 
-class Sink(threading.Thread):
+class Sink(_Worker):
     """Rank 0: receive finished frames, write the buffer, commit, encode in order, show progress."""
 
     def __init__(self, comm: Any, buffer: Any, encoder: Any, setup: Setup, plan: Plan, msgr: Messenger,
@@ -520,12 +526,6 @@ class Sink(threading.Thread):
         self.scheduler: Scheduler | None = None
         self.failed = False
         self.encode_error = ""
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except Exception as exc:  # noqa: BLE001 - reported to the main thread
-            self.msgr.fail(describe(exc))
 
     def _run(self) -> None:
         size = self.comm.Get_size()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from fractions import Fraction
 from pathlib import Path
@@ -48,7 +49,10 @@ def test_output_keeps_frames_fps_and_audio(bbb_runs, ranks) -> None:
     assert info.fps == src.fps == Fraction(25)
     assert info.has_audio
     assert (info.width, info.height) == (128, 72)
-    assert bbb_runs[ranks]["report"]["ranks"] == max(ranks, 1)
+    report = bbb_runs[ranks]["report"]
+    assert report["ranks"] == max(ranks, 1)
+    # threads per rank: the node's cores split between its ranks (torch and OpenCV alike)
+    assert report["threads_per_rank"] == max(1, len(os.sched_getaffinity(0)) // max(ranks, 1))
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3])
