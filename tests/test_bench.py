@@ -1,0 +1,192 @@
+"""`mpistyle bench`: it runs end to end under real mpiexec and its numbers are consistent with each other.
+
+No speed thresholds: only that the figures are positive, finite and derived as documented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+
+from mpistyle import bench
+from mpistyle.errors import MpistyleError
+
+from .conftest import BBB, run_mpistyle
+
+SYNTHETIC = {  # per-frame costs in seconds, roughly those of a 640x272 frame on one core
+    "network_s": 0.6, "flow_s": 0.01, "fuse_s": 0.005, "send_s": 0.0005, "decode_s": 0.002,
+    "write_s": 0.003, "encode_s": 0.006, "startup_s": 3.0, "halo": 10, "halo_wait_s": 0.2,
+    "frame_bytes": 640 * 272 * 3, "root_cpu_s": 0.02,
+}
+
+
+def _finite_positive(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def bench_result(tmp_path_factory, model_args) -> tuple[dict, str]:
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "bench.json"
+    proc = run_mpistyle(["bench", str(BBB), "--ranks", "1,2", "--frames", "6", "--compare-frames", "2",
+                         "--repeat", "2", "--json", str(out), *model_args], timeout=300, check=True)
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_bench_measures_what_it_says(bench_result) -> None:
+    result, stdout = bench_result
+    assert result["frames"] == 6 and result["clip_cut_to"] == 6
+    assert (result["width"], result["height"]) == (128, 72)
+    assert result["threads_per_rank"] == 1
+    fwd = result["forward"]
+    assert fwd["frames"] == 6 and _finite_positive(fwd["per_frame_s"])
+    assert fwd["min_s"] <= fwd["median_s"] <= fwd["max_s"]
+    assert fwd["min_s"] <= fwd["per_frame_s"] <= fwd["max_s"]
+    assert _finite_positive(fwd["cpu_per_frame_s"])
+    runs = result["summary"]["runs"]
+    assert [r["ranks"] for r in runs] == [1, 2]
+    for run in runs:
+        report = result["reports"][str(run["ranks"])]
+        assert report["ranks"] == run["ranks"] and report["outcome"] == "done"
+        assert report["frames"] == 6 and sum(p["frames"] for p in report["per_rank"]) == 6
+        assert len(run["per_rank"]) == run["ranks"]
+    for key in ("pipeline/forward", "speedup", "scaling model", "targets"):
+        assert key in stdout
+
+
+def test_bench_numbers_are_consistent(bench_result) -> None:
+    result, _ = bench_result
+    summary = result["summary"]
+    fwd = result["forward"]["per_frame_s"]
+    one = summary["runs"][0]
+    for run in summary["runs"]:
+        for key in ("process_s", "wall_s", "work_s", "s_per_frame_wall", "s_per_frame_work", "speedup",
+                    "efficiency", "speedup_wall", "efficiency_wall"):
+            assert _finite_positive(run[key]), (key, run[key])
+        assert run["setup_s"] >= 0 and _finite_positive(run["cpu_s"])
+        assert run["work_s"] <= run["wall_s"] <= run["process_s"]
+        assert run["wall_s"] == pytest.approx(run["work_s"] + run["setup_s"])
+        assert run["s_per_frame_work"] == pytest.approx(run["work_s"] / run["frames"])
+        assert run["s_per_frame_wall"] == pytest.approx(run["wall_s"] / run["frames"])
+        assert run["speedup"] == pytest.approx(one["work_s"] / run["work_s"])
+        assert run["speedup_wall"] == pytest.approx(one["wall_s"] / run["wall_s"])
+        assert run["efficiency"] == pytest.approx(run["speedup"] / run["ranks"])
+        assert run["efficiency_wall"] == pytest.approx(run["speedup_wall"] / run["ranks"])
+    assert one["speedup"] == pytest.approx(1.0)
+    assert summary["ratio"] == pytest.approx(one["work_s"] / one["frames"] / fwd)
+    assert summary["ratio_wall"] == pytest.approx(one["wall_s"] / one["frames"] / fwd)
+    assert _finite_positive(summary["ratio"])
+    network1 = one["per_rank"][0]["times_s"]["network"]
+    assert summary["ratio_in_run"] == pytest.approx(one["work_s"] / network1)
+    for run in summary["runs"]:
+        assert 0 < run["network_fraction"] <= 1
+    # --repeat 2: forward passes and pipeline rounds alternate; the fastest of each is kept.
+    assert len(result["forward"]["passes"]) == 2
+    assert result["forward"]["per_frame_s"] == pytest.approx(min(result["forward"]["passes"]))
+    for run in summary["runs"]:
+        reps = result["repeats"][str(run["ranks"])]
+        assert len(reps) == 2 and run["work_s"] == pytest.approx(min(r["work_s"] for r in reps))
+    # The overhead breakdown adds up to the 1-rank time beyond frames x forward.
+    ob = result["overhead_1rank"]
+    assert ob["total"] == pytest.approx(one["work_s"] - one["frames"] * fwd)
+    assert sum(v for k, v in ob.items() if k != "total") == pytest.approx(ob["total"])
+    names = [t["name"] for t in result["targets"]]
+    assert len(names) == 3 and all(isinstance(t["met"], bool) for t in result["targets"])
+
+
+def test_bench_precision_check_and_scaling(bench_result) -> None:
+    result, _ = bench_result
+    chk = result["forward"]["precision_check"]
+    assert chk["frames"] == 2 and chk["reduced"] in ("bf16", "fp16")
+    assert 0 <= chk["max_abs_diff"] <= 255
+    if chk["max_abs_diff"] == 0:
+        assert chk["psnr_min_db"] is None
+    else:
+        assert chk["psnr_min_db"] > 0 and chk["mean_abs_diff"] > 0
+    scaling = result["scaling"]
+    assert [r["ranks"] for r in scaling] == list(bench.SCALING_RANKS)
+    overhead = [r["overhead_fraction"] for r in scaling]
+    assert all(0 <= x < 1 for x in overhead)
+    assert overhead == sorted(overhead)
+    assert scaling == bench.scaling_model(result["measured"], bench.SCALING_RANKS)
+
+
+def test_scaling_model_overhead_grows_with_ranks() -> None:
+    ranks = [1, 2, 8, 16, 32, 64, 128, 256, 512]
+    for measured in (SYNTHETIC, {**SYNTHETIC, "halo": 0, "halo_wait_s": 0.0},
+                     {**SYNTHETIC, "decode_s": 0.0, "write_s": 0.0, "encode_s": 0.0, "frame_bytes": 0,
+                      "root_cpu_s": 0.0}):
+        rows = bench.scaling_model(measured, ranks, frames=10_000)
+        for key in ("overhead_fraction", "overhead_fraction_balanced"):
+            values = [r[key] for r in rows]
+            assert all(b >= a for a, b in zip(values, values[1:], strict=False)), (key, values)
+        assert rows[0]["speedup"] == pytest.approx(1.0)
+        assert all(r["total_balanced_s"] <= r["total_s"] + 1e-9 for r in rows)  # balancing never hurts
+        speedups = [r["speedup"] for r in rows]
+        assert all(b >= a for a, b in zip(speedups, speedups[1:], strict=False))
+
+
+def test_scaling_model_without_overheads_is_ideal() -> None:
+    ideal = {"network_s": 0.5, "halo": 0}
+    rows = bench.scaling_model(ideal, [1, 8, 512], frames=1000)
+    for r in rows:
+        assert r["overhead_fraction"] == pytest.approx(0.0, abs=1e-12)
+        assert r["speedup"] == pytest.approx(r["ranks"])
+        assert r["total_s"] == pytest.approx(1000 * 0.5 / r["ranks"])
+
+
+def test_scaling_model_is_bound_by_the_serial_stream() -> None:
+    rows = bench.scaling_model(SYNTHETIC, [1, 512], frames=10_000)
+    threads_s0 = SYNTHETIC["decode_s"] + SYNTHETIC["write_s"] + SYNTHETIC["encode_s"]
+    # rank 0's serial share per frame (the larger of thread clocks and CPU time), 10 Gb/s link
+    s0 = max(threads_s0, SYNTHETIC["root_cpu_s"]) + 2 * SYNTHETIC["frame_bytes"] / 1.25e9
+    assert rows[1]["root_serial_s"] == pytest.approx(10_000 * s0)
+    assert rows[1]["bound"] == "rank-0 stream"
+    assert rows[1]["total_balanced_s"] >= 10_000 * s0
+    with pytest.raises(ValueError):
+        bench.scaling_model(SYNTHETIC, [0])
+
+
+def test_summarize_derives_ratio_speedup_efficiency() -> None:
+    def run(n: int, wall: float, setup: float) -> dict:
+        report = {"frames": 10, "wall_s": wall, "work_s": wall - setup, "threads_per_rank": 1,
+                  "per_rank": [{"rank": r, "frames": 10 // n, "times_s": {"network": 1.0}} for r in range(n)]}
+        return {"process_s": wall + 1.0, "report": report}
+
+    summary = bench.summarize({"per_frame_s": 0.5}, {1: run(1, 7.0, 1.0), 2: run(2, 4.0, 1.0)})
+    one, two = summary["runs"]
+    assert summary["ratio"] == pytest.approx(6.0 / 10 / 0.5)
+    assert summary["ratio_wall"] == pytest.approx(7.0 / 10 / 0.5)
+    assert two["speedup"] == pytest.approx(2.0) and two["efficiency"] == pytest.approx(1.0)
+    assert two["speedup_wall"] == pytest.approx(7.0 / 4.0)
+    assert one["per_rank"][0]["other_s"] == pytest.approx(5.0)
+    with pytest.raises(ValueError):
+        bench.summarize({"per_frame_s": 0.5}, {2: run(2, 4.0, 1.0)})
+
+
+def test_parse_ranks_always_includes_one() -> None:
+    assert bench.parse_ranks("2,4") == [1, 2, 4]
+    assert bench.parse_ranks("2, 1,2") == [1, 2]
+    for bad in ("", "0", "a,b", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_ranks(bad)
+
+
+def test_bench_refuses_to_run_under_mpiexec(monkeypatch) -> None:
+    monkeypatch.setenv("PMI_SIZE", "2")
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    with pytest.raises(MpistyleError, match="plain process"):
+        bench.main(parser.parse_args([str(BBB)]))
+
+
+def test_bench_bad_input_is_one_line(tmp_path) -> None:
+    proc = run_mpistyle(["bench", str(tmp_path / "missing.mp4")])
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mpistyle: error:") and "missing.mp4" in lines[0]
+    proc = run_mpistyle(["bench", str(BBB), "--ranks", "0"])
+    assert proc.returncode == 2 and "rank counts" in proc.stderr

@@ -1,0 +1,246 @@
+"""Model layout, safe loading, saving with provenance, and batched inference."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from mpistyle import models
+from mpistyle.errors import MpistyleError
+from mpistyle.models import Stylizer, TransformerNet, load_model, model_info, resolve_model, save_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _net(seed: int = 0) -> TransformerNet:
+    torch.manual_seed(seed)
+    net = TransformerNet()
+    # Random affine IN parameters, so a loader that silently dropped them would change the output.
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if ".weight" in name and name.split(".")[-2].startswith("in"):
+                p.uniform_(0.5, 1.5)
+            elif ".bias" in name and name.split(".")[-2].startswith("in"):
+                p.uniform_(-0.5, 0.5)
+    return net.eval()
+
+
+def _frames(n: int = 2, h: int = 32, w: int = 32, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)
+
+
+def test_layout_matches_fast_neural_style():
+    sd = TransformerNet().state_dict()
+    for key in (
+        "conv1.conv2d.weight",
+        "in1.weight",
+        "in3.bias",
+        "res1.conv1.conv2d.weight",
+        "res3.in2.bias",
+        "res5.conv2.conv2d.bias",
+        "deconv1.conv2d.weight",
+        "in5.weight",
+        "deconv3.conv2d.bias",
+    ):
+        assert key in sd
+    assert sd["conv1.conv2d.weight"].shape == (32, 3, 9, 9)
+    assert sd["deconv3.conv2d.weight"].shape == (3, 32, 9, 9)
+    assert not any("running" in k for k in sd)
+    assert sum(v.numel() for v in sd.values()) == 1_679_235
+
+
+def test_stale_running_stats_are_dropped_and_output_matches_plain_forward(tmp_path):
+    net = _net()
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    # Pre-0.4 fast_neural_style files carry running stats on every InstanceNorm, also in the res blocks.
+    for name in [k.rsplit(".", 1)[0] for k in list(sd) if k.endswith(".weight") and ".in" in "." + k]:
+        if name.split(".")[-1].startswith("in"):
+            ch = sd[name + ".weight"].shape[0]
+            sd[name + ".running_mean"] = torch.full((ch,), 3.0)
+            sd[name + ".running_var"] = torch.full((ch,), 7.0)
+    assert "res2.in1.running_mean" in sd and "in4.running_var" in sd
+    path = tmp_path / "old_style.pth"
+    torch.save(sd, path)
+
+    loaded = load_model(str(path))
+    x = torch.from_numpy(_frames()).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net(x))
+
+
+def test_fp16_weights_are_accepted_as_fp32(tmp_path):
+    net = _net()
+    path = tmp_path / "half.pth"
+    torch.save({k: v.half() for k, v in net.state_dict().items()}, path)
+    loaded = load_model(str(path))
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    w = loaded.state_dict()["conv1.conv2d.weight"]
+    assert torch.allclose(w, net.state_dict()["conv1.conv2d.weight"], atol=1e-3)
+
+
+class _Payload:
+    """Unpickling this creates a file: proof that code in a model file ran."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_pickled_code_payload_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "payload-ran"
+    sd = dict(TransformerNet().state_dict())
+    sd["evil"] = _Payload(str(marker))
+    path = tmp_path / "evil.pth"
+    torch.save(sd, path)
+    assert not marker.exists()
+    with pytest.raises(MpistyleError) as err:
+        load_model(str(path))
+    assert "refusing" in str(err.value) and str(path) in str(err.value)
+    assert "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["wrong-arch", "shape", "truncated", "not-torch", "empty", "not-tensors"])
+def test_bad_files_raise_one_line_errors(tmp_path, kind):
+    path = tmp_path / f"{kind}.pth"
+    sd = TransformerNet().state_dict()
+    if kind == "wrong-arch":
+        torch.save(torch.nn.Conv2d(3, 3, 3).state_dict(), path)
+        expect = "missing keys"
+    elif kind == "shape":
+        sd["res1.conv1.conv2d.weight"] = torch.zeros(128, 128, 1, 1)
+        torch.save(sd, path)
+        expect = "shape mismatch for res1.conv1.conv2d.weight"
+    elif kind == "truncated":
+        torch.save(sd, path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        expect = "corrupt"
+    elif kind == "not-torch":
+        path.write_bytes(b"this is not a model\n" * 20)
+        expect = "corrupt or not a torch file"
+    elif kind == "empty":
+        path.write_bytes(b"")
+        expect = "empty"
+    else:
+        torch.save([1, 2, 3], path)
+        expect = "state dict"
+    with pytest.raises(MpistyleError) as err:
+        load_model(str(path))
+    msg = str(err.value)
+    assert expect in msg and str(path) in msg and "\n" not in msg
+
+
+def test_save_model_is_plain_state_dict_with_provenance(tmp_path):
+    net = _net()
+    path = tmp_path / "m.pth"
+    save_model(net, str(path), {"style": "starry-night.jpg", "settings": {"size": 64}}, half=True)
+    # What any other fast_neural_style tool does:
+    plain = TransformerNet()
+    plain.load_state_dict(torch.load(path, weights_only=True))  # strict by default
+    assert plain.state_dict()["in1.weight"].dtype == torch.float32
+    raw = torch.load(path, weights_only=True)
+    assert raw["conv1.conv2d.weight"].dtype == torch.float16
+    info = model_info(str(path))
+    assert info["style"] == "starry-night.jpg" and info["settings"] == {"size": 64}
+    assert info["stored_dtype"] == "float16"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pth"]  # the temporary file was renamed away
+    assert zipfile.is_zipfile(path)
+    # fp32 save round-trips exactly
+    save_model(net, str(path), {}, half=False)
+    again = load_model(str(path))
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in net.state_dict().items())
+    assert model_info(str(tmp_path / "absent.pth")) == {}
+
+
+def test_resolve_model_names_paths_and_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "WEIGHTS_DIR", tmp_path / "weights")
+    with pytest.raises(MpistyleError, match="no bundled model"):
+        resolve_model(None)
+    (tmp_path / "weights").mkdir()
+    save_model(_net(), str(tmp_path / "weights" / "great-wave.pth"), {})
+    save_model(_net(1), str(tmp_path / "weights" / (models.DEFAULT_MODEL + ".pth")), {})
+    assert set(models.bundled_models()) == {"great-wave", models.DEFAULT_MODEL}
+    assert resolve_model(None).endswith(models.DEFAULT_MODEL + ".pth")
+    assert resolve_model("great-wave").endswith("great-wave.pth")
+    own = tmp_path / "own.pth"
+    save_model(_net(), str(own), {})
+    assert resolve_model(str(own)) == str(own)
+    with pytest.raises(MpistyleError, match=r"unknown model 'mosaic' \(bundled: great-wave, "):
+        resolve_model("mosaic")
+    with pytest.raises(MpistyleError, match="model file not found"):
+        resolve_model(str(tmp_path / "nope.pth"))
+
+
+def test_shipped_models_load():
+    shipped = models.bundled_models()
+    assert models.DEFAULT_MODEL in shipped
+    for name, path in shipped.items():
+        net = load_model(name)
+        assert isinstance(net, TransformerNet) and not net.training
+        info = model_info(path)
+        assert info.get("style_name") == name and info.get("steps", 0) > 0
+
+
+@pytest.mark.parametrize("h,w", [(32, 32), (30, 37), (17, 9)])
+def test_stylizer_keeps_size_and_is_deterministic(h, w):
+    frames = _frames(2, h, w)
+    sty = Stylizer(_net(), torch.device("cpu"), precision="fp32")
+    out = sty(frames)
+    assert out.shape == frames.shape and out.dtype == np.uint8
+    assert np.array_equal(out, sty(frames))
+    # batching does not change a frame's result
+    assert np.array_equal(out[1:], sty(frames[1:]))
+
+
+def test_stylizer_matches_plain_forward_and_bf16_is_close():
+    net = _net()
+    frames = _frames(1, 32, 32)
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        ref = net(x).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    out32 = Stylizer(net, torch.device("cpu"), precision="fp32", channels_last=False)(frames)
+    assert np.abs(out32.astype(int) - ref.astype(int)).max() <= 1
+    out16 = Stylizer(net, torch.device("cpu"), precision="bf16")(frames)
+    diff = np.abs(out16.astype(int) - out32.astype(int))
+    assert diff.mean() < 8
+
+
+def test_resolve_precision():
+    cpu = torch.device("cpu")
+    assert models.resolve_precision("fp32", cpu) is None
+    assert models.resolve_precision("bf16", cpu) is torch.bfloat16
+    assert models.resolve_precision("fp16", torch.device("cuda")) is torch.float16
+    assert models.resolve_precision("auto", torch.device("cuda")) is torch.float16
+    expected = torch.bfloat16 if models.cpu_supports_bf16() else None
+    assert models.resolve_precision("auto", cpu) is expected
+    with pytest.raises(MpistyleError):
+        models.resolve_precision("fp16", cpu)
+    with pytest.raises(MpistyleError):
+        models.resolve_precision("int8", cpu)
+
+
+def test_cpu_supports_bf16_agrees_with_cpuinfo():
+    flags: set[str] = set()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    if flags:
+        assert models.cpu_supports_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+    else:
+        assert isinstance(models.cpu_supports_bf16(), bool)
