@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mpistyle import __version__
-from mpistyle.errors import MpistyleError
+from mpistyle.errors import Interrupted, MpistyleError
 from mpistyle.losses import (
     DEFAULT_CONTENT_LAYERS,
     DEFAULT_STYLE_LAYERS,
@@ -404,6 +404,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, comm: Comm | None = None) -> None:
         self.cfg = cfg
         self.comm = comm or Comm()
+        self.stop: Any = None  # a mpistyle.mpi.StopFlag when run from the CLI (signals -> checkpoint, exit 75)
         self.device = torch.device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -659,6 +660,12 @@ class Trainer:
                         )
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save_checkpoint()
+                # SIGTERM/SIGUSR1 (SLURM's time-limit warning) on any rank: all ranks agree after
+                # this step, save a checkpoint and exit 75 so the sbatch script requeues.
+                if self.stop is not None and self.step < cfg.steps and not self.comm.bcast_ok(not self.stop):
+                    self.save_checkpoint()
+                    raise Interrupted(f"stopped at step {self.step} ({self.stop.reason or 'signal'}); "
+                                      "checkpoint saved: rerun with --resume to continue")
         finally:
             if bar is not None:
                 bar.close()
@@ -833,9 +840,13 @@ def config_from_args(args: argparse.Namespace, comm: Comm) -> TrainConfig:
 
 
 def main(args: argparse.Namespace) -> int:
+    from mpistyle.mpi import StopFlag
+
     comm = Comm()
     cfg = config_from_args(args, comm)
     trainer = Trainer(cfg, comm)
+    trainer.stop = StopFlag()
+    trainer.stop.install_signal_handlers()
     trainer.run()
     if comm.rank == 0:
         last = trainer.history[-1] if trainer.history else {}
@@ -854,6 +865,10 @@ if __name__ == "__main__":
     _comm = Comm()
     try:
         sys.exit(main(_parser.parse_args()))
+    except Interrupted as _exc:  # every rank stopped together after saving: no abort
+        if _comm.rank == 0:
+            print(f"mpistyle train: interrupted: {_exc}", file=sys.stderr)
+        sys.exit(_exc.exit_code)
     except MpistyleError as _exc:
         print(f"mpistyle train: error: {_exc}", file=sys.stderr)
         if _comm.size > 1:

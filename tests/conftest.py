@@ -46,8 +46,6 @@ def model_args() -> list[str]:
     """The bundled default model (what users get); the tests run on it."""
     from mpistyle.models import bundled_models
 
-    if os.environ.get("MPISTYLE_TEST_MODEL"):  # TEMP while the bundled models train
-        return ["--model", os.environ["MPISTYLE_TEST_MODEL"]]
     assert bundled_models(), "no bundled model in mpistyle/weights/"
     return []
 

@@ -293,3 +293,33 @@ def test_comm_without_mpiexec_is_one_rank():
     assert c.size == 1 and c.rank == 0
     buf = np.arange(4, dtype=np.float32)
     assert np.array_equal(c.allreduce_sum(buf.copy()), buf)
+
+
+def test_signal_saves_a_checkpoint_and_exits_75_then_resume_finishes(images, tmp_path):
+    """SLURM's USR1/TERM: every rank stops after the same step, the checkpoint is saved, exit 75."""
+    import signal
+    import time
+
+    out = tmp_path / "sig.pth"
+    mpistyle = str(Path(sys.executable).parent / "mpistyle")
+    base = [mpistyle, "train", "--style", images["style"], "--content", images["c0"], images["c1"], "-o", str(out),
+            "--size", "32", "--batch-size", "2", "--steps", "400", "--style-size", "32", "--seed", "3",
+            "--threads", "1", "--log-every", "1", "--checkpoint-every", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([_mpiexec(), "-n", "2", *base], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # wait until training really runs
+        if line.startswith("step 2/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 75, rest[-2000:]
+    assert time.monotonic() - start < 60
+    assert "interrupted" in rest and "Traceback" not in rest
+    stopped_at = load_checkpoint(str(tmp_path / "sig.ckpt"))["step"]
+    assert 2 <= stopped_at < 400
+    res = subprocess.run([_mpiexec(), "-n", "2", *base[:-6], "--steps", str(stopped_at + 2), "--resume",
+                          "--threads", "1", "--log-every", "1"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert load_checkpoint(str(tmp_path / "sig.ckpt"))["step"] == stopped_at + 2
