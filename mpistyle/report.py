@@ -35,9 +35,13 @@ PHASE_COLOURS: dict[str, str] = {
     "wait_flow": "#d62728",
     "wait_halo": "#8c564b",
     "wait_source": "#7f7f7f",
+    "decode": "#17becf",
+    "write": "#bcbd22",
+    "encode": "#e377c2",
 }
-# Phases that run in a helper thread beside the main loop: drawn in a thinner band under it.
-HELPER_PHASES = frozenset({"flow"})
+# Phases that run in helper threads beside the main loop (flow; rank 0's decoder and sink): drawn in
+# a thinner band under it.
+HELPER_PHASES = frozenset({"flow", "decode", "write", "encode"})
 
 PLOT_FILES = ("warping_error.png", "timeline.png", "strip.png")
 
@@ -139,14 +143,14 @@ def plot_timeline(per_rank: list[dict], path: str) -> None:
             spans.setdefault(phase, []).append((t0, max(t1 - t0, 1e-4)))
             end = max(end, t1)
         for phase, xs in spans.items():
-            colour = PHASE_COLOURS.get(phase, "#bcbd22")
+            colour = PHASE_COLOURS.get(phase, "#000000")
             band = (y + 0.05, 0.25) if phase in HELPER_PHASES else (y + 0.35, 0.55)
             # A thin edge in the same colour keeps spans narrower than a pixel visible on long runs.
             ax.broken_barh(xs, band, facecolors=colour, edgecolors=colour, linewidth=0.3)
             if phase not in seen:
                 seen.append(phase)
     order = [p for p in PHASE_COLOURS if p in seen] + [p for p in seen if p not in PHASE_COLOURS]
-    handles = [plt.Rectangle((0, 0), 1, 1, color=PHASE_COLOURS.get(p, "#bcbd22")) for p in order]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=PHASE_COLOURS.get(p, "#000000")) for p in order]
     labels = [f"{p} (helper thread)" if p in HELPER_PHASES else p for p in order]
     if handles:
         ax.legend(handles, labels, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)

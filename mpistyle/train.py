@@ -52,8 +52,8 @@ DEFAULTS = {
     "steps": 2000,
     "lr": 1e-3,
     "content_weight": 1.0,
-    "style_weight": 30.0,
-    "tv_weight": 1e-3,
+    "style_weight": 1.0,  # 10+ lets the texture wipe out the content (see README, Training)
+    "tv_weight": 2e-2,
     "temporal_weight": 0.0,
     "style_size": 256,
     "video_frames": 48,
@@ -404,7 +404,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, comm: Comm | None = None) -> None:
         self.cfg = cfg
         self.comm = comm or Comm()
-        self.stop: Any = None  # a mpistyle.mpi.StopFlag when run from the CLI (signals -> checkpoint, exit 75)
+        self.stop: Any = None  # mpistyle.mpi.StopFlag from the CLI (signal -> checkpoint, exit 75)
         self.device = torch.device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)

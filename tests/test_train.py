@@ -191,7 +191,7 @@ def test_saved_model_is_a_plain_fast_neural_style_state_dict(images, tmp_path):
     net.load_state_dict(torch.load(out, weights_only=True))  # strict, as other tools load it
     info = model_info(str(out))
     assert info["style"] == "style.png" and info["steps"] == 2
-    assert info["settings"]["size"] == 32 and info["settings"]["style_weight"] == 30.0
+    assert info["settings"]["size"] == 32 and info["settings"]["style_weight"] == 1.0
     assert "mpistyle_version" in info
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
@@ -302,11 +302,13 @@ def test_signal_saves_a_checkpoint_and_exits_75_then_resume_finishes(images, tmp
 
     out = tmp_path / "sig.pth"
     mpistyle = str(Path(sys.executable).parent / "mpistyle")
-    base = [mpistyle, "train", "--style", images["style"], "--content", images["c0"], images["c1"], "-o", str(out),
+    base = [mpistyle, "train", "--style", images["style"], "--content", images["c0"], images["c1"],
+            "-o", str(out),
             "--size", "32", "--batch-size", "2", "--steps", "400", "--style-size", "32", "--seed", "3",
             "--threads", "1", "--log-every", "1", "--checkpoint-every", "0"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([_mpiexec(), "-n", "2", *base], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([_mpiexec(), "-n", "2", *base], cwd=ROOT, env=env, stderr=subprocess.PIPE,
+                            text=True)
     for line in proc.stderr:  # wait until training really runs
         if line.startswith("step 2/"):
             break
