@@ -62,3 +62,14 @@ def small_tmpfs(tmp_path):
         yield str(mount_point)
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """In-process tests use one torch thread: the machine has 2 cores and MPI tests run beside them."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,14 +14,6 @@ from mpistyle.errors import MpistyleError
 from mpistyle.models import Stylizer, TransformerNet, load_model, model_info, resolve_model, save_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _net(seed: int = 0) -> TransformerNet:
     torch.manual_seed(seed)
     net = TransformerNet()

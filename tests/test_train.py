@@ -29,14 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CLIP = ROOT / "tests" / "data" / "carphone_clip.mp4"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, str]:
     """A striped 'painting' and two smooth content photos (synthetic, so the test needs no data)."""
