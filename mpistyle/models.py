@@ -13,8 +13,9 @@ import os
 import pickle
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -272,22 +273,34 @@ def save_model(model: nn.Module, path: str, provenance: dict[str, Any], half: bo
     buf.seek(0)
     meta = dict(provenance)
     meta.setdefault("stored_dtype", "float16" if half else "float32")
-    out_dir = os.path.dirname(os.path.abspath(path))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=out_dir)
-    _chmod_default(tmp)
-    try:
-        with (
-            os.fdopen(fd, "wb") as raw,
-            zipfile.ZipFile(buf) as src,
-            zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED) as dst,
-        ):
+
+    def write(raw: BinaryIO) -> None:
+        with zipfile.ZipFile(buf) as src, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED) as dst:
             prefix = src.namelist()[0].split("/", 1)[0]
             for info in src.infolist():
                 dst.writestr(info, src.read(info.filename))
             # torch's reader wants 64-byte-aligned records only for tensor data; a JSON record
             # written after them does not disturb it.
             dst.writestr(f"{prefix}/{PROVENANCE_RECORD}", json.dumps(meta, indent=1, sort_keys=True))
+
+    atomic_write(path, write, suffix=".pth")
+
+
+def atomic_write(path: str, write: Callable[[BinaryIO], None], suffix: str = "") -> None:
+    """Write ``path`` through a temporary file in the same directory, fsync, then rename.
+
+    A crash never leaves half a file. mkstemp creates 0600 files; the result gets the permissions a
+    plain open() would give (0666 & ~umask).
+    """
+    out_dir = os.path.dirname(os.path.abspath(path))
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=out_dir)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            write(raw)
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp, path)
@@ -295,13 +308,6 @@ def save_model(model: nn.Module, path: str, provenance: dict[str, Any], half: bo
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def _chmod_default(path: str) -> None:
-    """mkstemp creates 0600 files; give the model the permissions a plain open() would (0666 & ~umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
 
 
 # ----------------------------------------------------------------------------------------------

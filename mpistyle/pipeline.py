@@ -212,7 +212,7 @@ class SourceSpool:
     """A rank's source frames, in arrival order, in an unlinked scratch file (bounded memory)."""
 
     def __init__(self, frames: Sequence[int], shape: tuple[int, int, int], scratch: str | None,
-                 stop: StopFlag, interrupted: Any) -> None:
+                 interrupted: Any) -> None:
         self.slot = {t: i for i, t in enumerate(frames)}
         self._next_slot = len(self.slot)
         self.shape = shape
@@ -221,7 +221,6 @@ class SourceSpool:
         self._count = 0
         self._cond = threading.Condition()
         self._interrupted = interrupted
-        self.wait_s = 0.0
 
     def extend(self, frames: Sequence[int]) -> None:
         """Expect more frames (dynamic schedule: the next chunk). A frame seen before (the halo
@@ -242,13 +241,11 @@ class SourceSpool:
     def get(self, t: int) -> np.ndarray:
         slot = self.slot[t]
         if self._count <= slot:
-            start = time.perf_counter()
             with self._cond:
                 while self._count <= slot:
                     self._cond.wait(0.005)
                     if self._count <= slot and self._interrupted():
                         raise _Stopped()
-            self.wait_s += time.perf_counter() - start
         data = os.pread(self._file.fileno(), self.nbytes, slot * self.nbytes)
         return np.frombuffer(data, dtype=np.uint8).reshape(self.shape)
 
@@ -463,7 +460,7 @@ class Scheduler:
     The answer carries the stored output frames a chunk needs to resume exactly.
     """
 
-    def __init__(self, plan: Plan, buffer: Any, n_ranks: int) -> None:
+    def __init__(self, plan: Plan, buffer: Any) -> None:
         self.plan = plan  # one RankPlan per chunk
         self.order = [rp.rank for rp in plan.ranks if rp.runs]
         self.assigned: dict[int, int] = {}
@@ -471,14 +468,11 @@ class Scheduler:
         self.buffer = buffer
         self._next = 0
         self._lock = threading.Lock()
-        self._told_done: set[int] = set()
         self._replies: list[Any] = []
-        self.n_ranks = n_ranks
 
     def take(self, rank: int) -> tuple[int, dict[int, np.ndarray]]:
         with self._lock:
             if self._next >= len(self.order):
-                self._told_done.add(rank)
                 return -1, {}
             chunk = self.order[self._next]
             self._next += 1
@@ -1078,7 +1072,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
                     setup.n_frames, plan.n_todo, setup.width, setup.height, size, threads, device, precision_name)
 
     shape = (setup.height, setup.width, 3)
-    spool = SourceSpool(rp.source_frames(), shape, opts.scratch, stop, msgr.interrupted)
+    spool = SourceSpool(rp.source_frames(), shape, opts.scratch, msgr.interrupted)
     threads_started: list[threading.Thread] = []
     receiver = decoder = sink = None
     buffer = encoder = scheduler = None
@@ -1099,7 +1093,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
                                    preset="veryfast", threads=1)  # medium costs ~2x CPU on rank 0 for no gain here
             sink = Sink(comm, buffer, encoder, setup, plan, msgr, opts.progress)
             if dynamic:
-                scheduler = sink.scheduler = Scheduler(plan, buffer, size)
+                scheduler = sink.scheduler = Scheduler(plan, buffer)
             decoder = Decoder(comm, opts.input, (setup.width, setup.height), plan, opts.chunk, spool, msgr,
                               scheduler=scheduler)
             threads_started += [sink, decoder]

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from mpistyle.losses import (
     style_grams_of,
     tv_loss,
 )
-from mpistyle.models import TransformerNet, save_model
+from mpistyle.models import TransformerNet, atomic_write, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -366,26 +365,7 @@ def _set_grads(params: list[torch.nn.Parameter], flat: np.ndarray) -> None:
 
 
 def _atomic_torch_save(obj: Any, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=d)
-    os.chmod(tmp, 0o666 & ~_umask())
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    atomic_write(path, lambda fh: torch.save(obj, fh), suffix=".ckpt")
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
