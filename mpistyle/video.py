@@ -52,6 +52,7 @@ from types import TracebackType
 
 import numpy as np
 
+from mpistyle import children
 from mpistyle.errors import MpistyleError
 
 logger = logging.getLogger(__name__)
@@ -224,8 +225,7 @@ def _check_input_file(path: str) -> str:
 def _run_ffmpeg(args: list[str]) -> subprocess.CompletedProcess[str]:
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", *args]
     logger.debug("running %s", " ".join(cmd))
-    return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
-                          check=False)
+    return children.run(cmd, stdin=subprocess.DEVNULL, text=True, errors="replace")
 
 
 def _null_decode(path: str, max_frames: int | None = None, copy: bool = False) -> tuple[_Header, int, str]:
@@ -388,8 +388,8 @@ def iter_frames(path: str, size: tuple[int, int] | None = None, start: int = 0) 
 def _frames(cmd: list[str], path: str, w: int, h: int) -> Iterator[np.ndarray]:
     logger.debug("running %s", " ".join(cmd))
     nbytes = w * h * 3
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            bufsize=max(nbytes, 1 << 16), start_new_session=True)
+    proc = children.popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          bufsize=max(nbytes, 1 << 16))
     errors: collections.deque[str] = collections.deque(maxlen=50)
     drain = threading.Thread(target=_drain, args=(proc.stderr, errors), daemon=True)
     drain.start()
@@ -515,8 +515,8 @@ class VideoEncoder:
         cmd.append(self._tmp_video)
         logger.debug("running %s", " ".join(cmd))
         try:
-            self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.PIPE, start_new_session=True)
+            self._proc = children.popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE)
         except OSError as exc:
             raise MpistyleError(f"cannot start ffmpeg to write {self.out_path}: {exc}") from exc
         self._drain = threading.Thread(target=_drain, args=(self._proc.stderr, self._errors), daemon=True)
