@@ -121,7 +121,7 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _stylize_options(args: argparse.Namespace) -> object:
-    from .pipeline import StylizeOptions
+    from .stylize import StylizeOptions
     from .temporal import TemporalSettings
 
     base = TemporalSettings()
@@ -142,7 +142,7 @@ def _stylize_options(args: argparse.Namespace) -> object:
 
 
 def cmd_stylize(args: argparse.Namespace) -> int:
-    from .pipeline import run_stylize, write_json
+    from .stylize import run_stylize, write_json
 
     report = run_stylize(_stylize_options(args))  # type: ignore[arg-type]
     if not report:  # ranks other than 0

@@ -1,0 +1,128 @@
+"""The stylize run from start to end: setup, plan, start the stages, work, shutdown."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from ..mpi import StopFlag, configure_threads, local_rank_and_size, pause_point, select_device, threads_per_rank
+from ..partition import RankPlan, make_plan
+from .comm import Messenger, Stopped, describe
+from .gather import Sink
+from .options import Setup, StylizeOptions, chunk_list
+from .scatter import Decoder, Receiver, Scheduler, SourceSpool
+from .setup import Validated, collective, distribute_state_frames, open_buffer_on_root, validate_on_root
+from .shutdown import Watchdog, shutdown
+from .worker import RankWorker
+
+logger = logging.getLogger(__name__)
+
+
+def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]:
+    """Stylize ``opts.input`` into ``opts.output`` on every rank of ``comm``. Returns rank 0's report.
+
+    Raises MpistyleError (same message on every rank for setup problems), Interrupted after a
+    signal (buffer consistent; rerun to resume).
+    """
+    from ..mpi import world
+
+    comm = comm or world()
+    rank, size = comm.Get_rank(), comm.Get_size()
+    stop = StopFlag()
+    stop.install_signal_handlers()  # takes over a signal that came during start-up: the run stops at once
+    msgr = Messenger(comm, stop)
+    if rank == 0:
+        logger.info("phase: setup")
+    pause_point("setup", stop)
+    t_start = time.perf_counter()
+
+    local_rank, local_size = local_rank_and_size(comm)
+    threads = threads_per_rank(local_size, opts.threads)
+    configure_threads(threads)
+
+    checked: Validated = collective(comm, lambda: validate_on_root(opts))
+
+    def load() -> Any:
+        import torch
+
+        from ..models import Stylizer, load_model, resolve_precision
+
+        device = select_device(opts.device, local_rank)
+        model = load_model(checked.model_path, device)
+        dtype = resolve_precision(opts.precision, torch.device(device))
+        return Stylizer(model, device=torch.device(device), precision=opts.precision), device, dtype
+
+    stylizer, device, dtype = collective(comm, load, root_only=False)
+    precision_name = str(dtype).replace("torch.", "") if dtype is not None else "float32"
+    device_type = device.split(":")[0]
+    setup: Setup = collective(comm, lambda: open_buffer_on_root(opts, checked, precision_name, device_type))
+    t_work = time.perf_counter()  # all ranks leave the setup collective together: a shared time origin
+    batch = opts.batch or (4 if device_type == "cuda" else 1)
+    temporal_on = opts.temporal.mode != "none"
+    dynamic = opts.schedule == "dynamic"
+    n_parts = (opts.chunks or 4 * size) if dynamic else size
+    plan = make_plan(setup.n_frames, n_parts, opts.halo, done=list(setup.done), temporal=temporal_on)
+    # Static: this rank's partition. Dynamic: chunks arrive one by one; start with nothing.
+    rp = plan.ranks[rank] if not dynamic else RankPlan(rank=rank, bounds=(0, 0))
+    logger.debug("rank %d/%d (local %d/%d): device %s, %d threads, partition %s, %d runs, %d to do",
+                 rank, size, local_rank, local_size, device, threads, rp.bounds, len(rp.runs), len(rp.todo))
+    if rank == 0:
+        logger.info("stylizing %d frames (%d to do) at %dx%d on %d rank(s), %d thread(s) each, device %s, %s",
+                    setup.n_frames, plan.n_todo, setup.width, setup.height, size, threads, device, precision_name)
+
+    shape = (setup.height, setup.width, 3)
+    spool = SourceSpool(rp.source_frames(), shape, opts.scratch, msgr.interrupted)
+    threads_started: list[threading.Thread] = []
+    receiver = decoder = sink = None
+    buffer = encoder = scheduler = None
+    worker = None
+    outcome = "done"
+    try:
+        state_frames = distribute_state_frames(comm, plan, setup, rp) if not dynamic else {}
+        if rank == 0:
+            from ..buffer import FrameBuffer
+            from ..video import VideoEncoder
+
+            buffer = FrameBuffer.open(setup.buffer_path, setup.n_frames, setup.height, setup.width,
+                                      setup.settings)
+            from fractions import Fraction
+
+            encoder = VideoEncoder(opts.output, setup.width, setup.height, Fraction(setup.fps_num, setup.fps_den),
+                                   audio_from=opts.input if setup.has_audio else None, crf=opts.crf,
+                                   preset="veryfast", threads=1)  # medium costs ~2x CPU on rank 0 for no gain here
+            sink = Sink(comm, buffer, encoder, setup, plan, msgr, opts.progress)
+            if dynamic:
+                scheduler = sink.scheduler = Scheduler(plan, buffer)
+            decoder = Decoder(comm, opts.input, (setup.width, setup.height), plan, opts.chunk, spool, msgr,
+                              scheduler=scheduler)
+            threads_started += [sink, decoder]
+        else:
+            receiver = Receiver(comm, chunk_list(rp.source_frames(), opts.chunk), spool, msgr, dynamic=dynamic,
+                                chunk=opts.chunk)
+            threads_started.append(receiver)
+        for th in threads_started:
+            th.start()
+        if rank == 0:
+            logger.info("phase: compute")
+        worker = RankWorker(comm, rp, plan, setup, stylizer, opts.temporal, spool, msgr, sink, batch, state_frames,
+                            t0=t_work)
+        if dynamic:
+            worker.run_dynamic(scheduler, receiver)
+        else:
+            worker.run()
+    except Stopped:
+        outcome = "stopped"
+    except Exception as exc:  # noqa: BLE001 - every failure goes through the same shutdown
+        msgr.fail(describe(exc), getattr(exc, "exit_code", 1))
+        outcome = "failed"
+    watchdog = Watchdog(comm, rank)
+    try:
+        report = shutdown(comm, msgr, worker, receiver, decoder, sink, buffer, encoder, setup, plan, opts,
+                           threads, device, precision_name, (t_start, t_work))
+    finally:
+        watchdog.cancel()
+        spool.close()
+    logger.debug("rank %d: work ended: %s", rank, outcome)
+    return report

@@ -1,0 +1,129 @@
+"""Setup (collective): validate the input on rank 0, load the model on every rank, open or resume the
+buffer; any failure is raised as the same one-line error on every rank."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..errors import MpistyleError
+from ..mpi import poll_until
+from ..partition import Plan, RankPlan
+from .comm import TAG_STATE, describe
+from .options import Setup, StylizeOptions, default_buffer_path, file_fingerprint, validate_output
+
+logger = logging.getLogger(__name__)
+
+
+def collective(comm: Any, fn: Any, root_only: bool = True) -> Any:
+    """Run ``fn`` on rank 0 (or every rank) and raise the same MpistyleError everywhere on failure."""
+    rank = comm.Get_rank()
+    result, error = None, None
+    if rank == 0 or not root_only:
+        try:
+            result = fn()
+        except MpistyleError as exc:
+            error = (str(exc), exc.exit_code)
+        except Exception as exc:  # noqa: BLE001 - turned into one clear line on every rank
+            logger.debug("setup failed", exc_info=True)
+            error = (describe(exc), 1)
+    if root_only:
+        result, error = comm.bcast((result, error), root=0)
+    else:
+        errors = comm.allgather(error)
+        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if failed:
+            rank_failed, error = failed[0]
+            if len({e[0] for _, e in failed}) > 1 or len(failed) < comm.Get_size():
+                error = (f"rank {rank_failed}: {error[0]}", error[1])
+    if error is not None:
+        exc = MpistyleError(error[0])
+        exc.exit_code = error[1]
+        raise exc
+    return result
+
+
+@dataclass
+class Validated:
+    info: Any
+    width: int
+    height: int
+    model_path: str
+
+
+def validate_on_root(opts: StylizeOptions) -> Validated:
+    """Cheap checks first (input, output, size, model name), before any rank loads a model."""
+    from ..models import resolve_model
+    from ..video import output_size, probe
+
+    info = probe(opts.input)
+    validate_output(opts.input, opts.output)
+    width, height = output_size(info, width=opts.width, height=opts.height, scale=opts.scale)
+    return Validated(info=info, width=width, height=height, model_path=resolve_model(opts.model))
+
+
+def open_buffer_on_root(opts: StylizeOptions, checked: Validated, precision_name: str, device_type: str) -> Setup:
+    from ..buffer import FrameBuffer
+
+    info, width, height, model_path = checked.info, checked.width, checked.height, checked.model_path
+    buffer_path = opts.buffer or default_buffer_path(opts.output)
+    if os.path.abspath(buffer_path) in (os.path.abspath(opts.input), os.path.abspath(opts.output)):
+        raise MpistyleError(f"buffer path must differ from input and output: {buffer_path}")
+    t = opts.temporal
+    settings = {
+        "input": file_fingerprint(opts.input),
+        "model": file_fingerprint(model_path),
+        "temporal": t.mode,
+        "strength": t.strength if t.mode != "none" else None,
+        "scene_cut": t.scene_cut if t.mode != "none" else None,
+        "flow": f"{t.flow_method}/{t.flow_preset}" if t.mode != "none" else None,
+        "halo": opts.halo if t.mode != "none" else None,
+        "precision": precision_name,
+        "device_type": device_type,
+        "mpistyle": __version__,
+    }
+    buf = FrameBuffer.open(buffer_path, info.n_frames, height, width, settings, restart=opts.restart)
+    done = buf.done.copy()
+    buf.close()
+    if done.any():
+        logger.info("resuming from %s: %d of %d frames already done", buffer_path, int(done.sum()), len(done))
+    return Setup(n_frames=info.n_frames, width=width, height=height, fps_num=info.fps.numerator,
+                 fps_den=info.fps.denominator, has_audio=info.has_audio, model_path=model_path,
+                 buffer_path=buffer_path, done=done, settings=settings)
+
+
+def distribute_state_frames(comm: Any, plan: Plan, setup: Setup, rp: RankPlan) -> dict[int, np.ndarray]:
+    """Stored outputs that start 'buffer' runs exactly: rank 0 reads them and sends them over."""
+    shape = (setup.height, setup.width, 3)
+    rank = comm.Get_rank()
+    mine: dict[int, np.ndarray] = {}
+    reqs = []
+    keep_alive = []  # send buffers must outlive their requests
+    for t in rp.buffer_frames():
+        if rank != 0:
+            buf = np.empty(shape, dtype=np.uint8)
+            reqs.append(comm.Irecv(buf, source=0, tag=TAG_STATE))
+            mine[t] = buf
+    if rank == 0 and any(p.buffer_frames() for p in plan.ranks):
+        from ..buffer import FrameBuffer
+
+        buffer = FrameBuffer.open(setup.buffer_path, setup.n_frames, setup.height, setup.width, setup.settings)
+        try:
+            for p in plan.ranks:
+                for t in p.buffer_frames():
+                    frame = np.ascontiguousarray(buffer.read(t))
+                    if p.rank == 0:
+                        mine[t] = frame
+                    else:
+                        reqs.append(comm.Isend(frame, dest=p.rank, tag=TAG_STATE))
+                        keep_alive.append(frame)
+        finally:
+            buffer.close()
+    for req in reqs:
+        poll_until(req.Test)
+    return mine

@@ -1,0 +1,237 @@
+"""Shutdown: one path for success, signals and failures; rank 0 commits, encodes and gives the verdict.
+
+Each rank finishes its current frame and pending sends, tells rank 0 how many frames it sent; rank 0
+commits the buffer; all ranks meet in a non-blocking barrier and cancel receives that can no longer
+match. A watchdog aborts the job if this stalls (a peer vanished).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import asdict
+from typing import Any
+
+from .. import __version__
+from ..errors import Interrupted, MpistyleError
+from ..mpi import StopFlag, pause_point, poll_until
+from ..partition import Plan, boundaries
+from .comm import TAG_FIN, TAG_GIVE, Messenger
+from .gather import Sink
+from .options import Setup, StylizeOptions
+from .scatter import Decoder, Receiver
+from .worker import RankWorker
+
+logger = logging.getLogger(__name__)
+
+SHUTDOWN_TIMEOUT_S = 120.0
+
+
+class Watchdog:
+    """If the orderly shutdown stalls (a peer vanished), abort the whole job instead of hanging."""
+
+    def __init__(self, comm: Any, rank: int, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
+        def fire() -> None:
+            sys.stderr.write(f"mpistyle: error: rank {rank}: shutdown timed out after {timeout:.0f} s; "
+                             "aborting the job\n")
+            sys.stderr.flush()
+            comm.Abort(1)
+
+        self.timer = threading.Timer(timeout, fire)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def cancel(self) -> None:
+        self.timer.cancel()
+
+
+def shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, receiver: Receiver | None,
+              decoder: Decoder | None, sink: Sink | None, buffer: Any, encoder: Any, setup: Setup, plan: Plan,
+              opts: StylizeOptions, threads: int, device: str, precision: str,
+              clock: tuple[float, float]) -> dict[str, Any]:
+    rank, size = comm.Get_rank(), comm.Get_size()
+    if msgr.stop:
+        msgr.broadcast_stop()
+    if worker is not None:
+        worker.finish_sends()
+        if worker.awaiting_chunk:  # collect rank 0's answer so its send completes
+            if poll_until(lambda: comm.iprobe(source=0, tag=TAG_GIVE), timeout=60):
+                comm.recv(source=0, tag=TAG_GIVE)
+    if rank != 0:
+        comm.send(worker.sent if worker is not None else 0, dest=0, tag=TAG_FIN)
+    else:
+        if decoder is not None and decoder.is_alive():
+            decoder.join()
+        if sink is not None:
+            sink.local_done.set()
+            if sink.is_alive():
+                while sink.is_alive():
+                    sink.join(0.05)
+                    msgr.poll_stop_messages()
+    # Everyone is here only after their sends completed: meet, then cancel what can't match.
+    barrier = comm.Ibarrier()
+    poll_until(barrier.Test)
+    msgr.poll_stop_messages()
+    if receiver is not None:
+        receiver.cancel.set()
+        receiver.join()
+    if worker is not None:
+        worker.cancel_unmatched()
+    msgr.finish_stop_messages()
+
+    times = dict(worker.times) if worker is not None else {}
+    counts = dict(worker.counts) if worker is not None else {}
+    if decoder is not None:
+        times["decode"] = decoder.decode_s
+    if sink is not None:
+        times["write"] = sink.write_s
+        times["encode"] = sink.encode_s
+    failure = msgr.error[0] if msgr.error else ""
+    code = msgr.error[1] if msgr.error else 0
+    events = worker.events if worker is not None else []
+    per_rank = comm.gather({"rank": rank, "times": times, "counts": counts, "events": events, "failure": failure,
+                            "code": code, "peer_failure": msgr.peer_failure, "stopped": bool(msgr.stop),
+                            "reason": msgr.stop.reason, "signal": msgr.stop.signal_name,
+                            "frames": worker.emitted if worker is not None else 0}, root=0)
+    verdict = None
+    report: dict[str, Any] = {}
+    if rank == 0:
+        verdict, report = _finish_on_root(per_rank, buffer, encoder, sink, setup, plan, opts, threads, device,
+                                          precision, clock, size, msgr.stop)
+    verdict = comm.bcast(verdict, root=0)
+    kind, message, exit_code = verdict
+    if kind == "failed":
+        if msgr.error:  # the failing rank says why, once
+            where = f"rank {rank}: " if size > 1 else ""
+            sys.stderr.write(f"mpistyle: error: {where}{msgr.error[0]}\n")
+        exc = MpistyleError(message)
+        exc.exit_code = exit_code
+        exc.already_reported = True  # type: ignore[attr-defined]
+        raise exc
+    if kind == "stopped":
+        raise Interrupted(message)
+    return report
+
+
+def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, sink: Sink | None, setup: Setup,
+                    plan: Plan, opts: StylizeOptions, threads: int, device: str, precision: str,
+                    clock: tuple[float, float], size: int,
+                    stop: StopFlag | None = None) -> tuple[tuple[str, str, int], dict[str, Any]]:
+    failures = [p for p in per_rank if p["failure"]]
+    complete = buffer is not None and buffer.complete()
+    verdict: tuple[str, str, int]
+    try:
+        if failures:
+            first = failures[0]
+            verdict = ("failed", f"rank {first['rank']}: {first['failure']}" if size > 1 else first["failure"],
+                       first["code"] or 1)
+        elif complete and sink is not None and sink.encoder is not None:
+            if sink.encoded < setup.n_frames:
+                sink._commit()  # frames done before this run (resume) still need encoding
+            if sink.encoder is not None:
+                logger.info("phase: encode")
+                pause_point("encode", stop)  # test hook (MPISTYLE_PAUSE_AT)
+                _announce_mux(sink.encoder, stop)
+                sink.encoder.close()
+                sink.encoder = encoder = None
+                verdict = ("done", "", 0)
+            else:
+                raise MpistyleError(sink.encode_error)
+        elif complete:
+            raise MpistyleError(sink.encode_error if sink is not None else "nothing was encoded")
+        else:
+            signal_name = next((p["signal"] for p in per_rank if p["signal"]), "")
+            why = f"received {signal_name}" if signal_name else "stopped"
+            done = int(buffer.done.sum()) if buffer is not None else 0
+            verdict = ("stopped", f"{why}: {done}/{setup.n_frames} frames are safe in {setup.buffer_path}; "
+                                  "rerun the same command to resume", Interrupted.exit_code)
+    except MpistyleError as exc:
+        asked = _stop_signal(per_rank, stop)
+        if asked:
+            # A stop was asked for and every frame is committed: whatever ended the encoder (a child
+            # killed along with the job, say), this is a stop to resume, not bad input (exit 2).
+            verdict = ("stopped", f"received {asked} while encoding ({exc}); all {setup.n_frames} frames are safe "
+                                  f"in {setup.buffer_path}: rerun the same command to encode", Interrupted.exit_code)
+        else:
+            message = f"{exc}; all {setup.n_frames} frames are safe in {setup.buffer_path}: rerun to encode"
+            verdict = ("failed", message, exc.exit_code)
+            sys.stderr.write(f"mpistyle: error: {message}\n")
+    finally:
+        if sink is not None and sink.encoder is not None:
+            sink.encoder.abort()
+        elif encoder is not None and sink is None:
+            encoder.abort()
+        if buffer is not None:
+            buffer.close()
+    t_start, t_work = clock
+    elapsed = time.perf_counter() - t_start
+    setup_s = t_work - t_start
+    report = {
+        "mpistyle": __version__,
+        "input": opts.input,
+        "output": opts.output,
+        "frames": setup.n_frames,
+        "frames_computed": sum(p["frames"] for p in per_rank),
+        "width": setup.width,
+        "height": setup.height,
+        "ranks": size,
+        "threads_per_rank": threads,
+        "device": device,
+        "precision": precision,
+        "temporal": asdict(opts.temporal),
+        "halo": plan.halo,
+        "halo_fusion_steps": plan.halo_cost(),
+        "boundaries": boundaries(setup.n_frames, plan.n_ranks),
+        "schedule": opts.schedule,
+        "parts": plan.n_ranks,
+        "wall_s": elapsed,
+        "work_s": elapsed - setup_s,
+        "frames_per_s": sum(p["frames"] for p in per_rank) / max(elapsed, 1e-9),
+        "setup_s": setup_s,
+        "per_rank": [{"rank": p["rank"], "frames": p["frames"], "times_s": p["times"], "counts": p["counts"],
+                      "events": p["events"]} for p in per_rank],
+        "outcome": verdict[0],
+    }
+    if verdict[0] == "done":
+        if not opts.keep_buffer:
+            try:
+                os.unlink(setup.buffer_path)
+            except OSError:
+                pass
+    return verdict, report
+
+
+def _stop_signal(per_rank: list[dict[str, Any]], stop: StopFlag | None) -> str:
+    """The stop signal any rank got (rank 0's may have come during the final encode), or ''."""
+    if stop is not None and stop.signal_name:
+        return stop.signal_name
+    return next((p["signal"] for p in per_rank if p["signal"]), "")
+
+
+def _announce_mux(encoder: Any, stop: StopFlag | None) -> None:
+    """Log the audio mux as a phase of its own, with its test pause (MPISTYLE_PAUSE_AT=mux).
+
+    The mux is the second ffmpeg pass inside ``VideoEncoder.close``; it is wrapped here so the encoder
+    need not know about phases.
+    """
+    mux = getattr(encoder, "_mux_audio", None)
+    if mux is None or getattr(encoder, "_audio_from", None) is None:
+        return
+
+    def mux_as_a_phase(source: str) -> None:
+        logger.info("phase: mux")
+        pause_point("mux", stop)
+        mux(source)
+
+    encoder._mux_audio = mux_as_a_phase
+
+
+def write_json(path: str, data: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)

@@ -1,0 +1,290 @@
+"""The rank worker: network, optical flow and temporal fusion over the rank's runs.
+
+Each rank first stylizes the frames its neighbours need as halo ("exports") and sends the raw
+network outputs; then for each run it warms up over the halo and stylizes, fuses and sends its
+own frames to rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from ..mpi import pause_point, poll_until
+from ..partition import Plan, RankPlan, Run
+from ..temporal import TemporalSettings
+from .comm import TAG_GIVE, TAG_HALO, TAG_OUT, TAG_REQ, Messenger, Stopped
+from .gather import Sink
+from .options import Setup
+from .scatter import Receiver, Scheduler, SourceSpool
+
+MAX_EVENTS = 50_000
+
+
+class RankWorker:
+    """Stylize and fuse one rank's runs; send halo exports and finished frames."""
+
+    def __init__(self, comm: Any, rp: RankPlan, plan: Plan, setup: Setup, stylizer: Any,
+                 temporal: TemporalSettings, spool: SourceSpool, msgr: Messenger, sink: Sink | None,
+                 batch: int, state_frames: dict[int, np.ndarray], t0: float) -> None:
+        from ..flow import FlowEstimator
+        from ..temporal import TemporalFuser
+
+        self.comm, self.rp, self.plan, self.setup, self.stylizer = comm, rp, plan, setup, stylizer
+        self.temporal, self.spool, self.msgr, self.sink, self.batch = temporal, spool, msgr, sink, batch
+        self.state_frames = state_frames
+        self.shape = (setup.height, setup.width, 3)
+        self.fbytes = int(np.prod(self.shape))
+        self.fuser = TemporalFuser(temporal)
+        self.flow_mode = temporal.mode != "none"
+        self.flow_est = FlowEstimator(temporal.flow_method, temporal.flow_preset) if self.flow_mode else None
+        self.flow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpistyle-flow")
+        self.cache: dict[int, np.ndarray] = {}  # raw network outputs of exported frames
+        self.local_halo = False
+        self.awaiting_chunk = False
+        self.emitted = 0
+        self.pending: list[tuple[Any, np.ndarray]] = []  # in-flight sends and their buffers
+        self.sent = 0
+        self.times: dict[str, float] = defaultdict(float)
+        self.events: list[tuple[str, float, float]] = []
+        self.t0 = t0
+        self.counts: dict[str, int] = defaultdict(int)
+        # Pre-post every halo receive now, so an owner's send always finds a match (no stuck sends).
+        self.halo_reqs: dict[int, tuple[Any, np.ndarray]] = {}
+        for t in sorted(rp.imports):
+            buf = np.empty(self.shape, dtype=np.uint8)
+            self.halo_reqs[t] = (comm.Irecv(buf, source=rp.imports[t], tag=TAG_HALO), buf)
+
+    # -- driving ------------------------------------------------------------------------------
+    def run(self) -> None:
+        self._stylize_exports()
+        for run in self.rp.runs:
+            self._process_run(run)
+
+    def run_dynamic(self, scheduler: Scheduler | None, receiver: Receiver | None) -> None:
+        """Dynamic schedule: ask rank 0 for chunks until none are left. The next chunk is asked for
+        when the current one starts, so its frames stream in while this one is stylized."""
+        self.local_halo = True
+        self._scheduler, self._receiver = scheduler, receiver
+        current = self._take()
+        while current >= 0:
+            following = self._take()
+            self.counts["chunks"] += 1
+            for run in self.plan.ranks[current].runs:
+                self._process_run(run)
+            current = following
+
+    def _take(self) -> int:
+        if self._scheduler is not None:  # rank 0 asks its own scheduler directly
+            chunk, states = self._scheduler.take(0)
+        else:
+            self.comm.send(None, dest=0, tag=TAG_REQ)
+            self.awaiting_chunk = True
+            if not poll_until(lambda: self.comm.iprobe(source=0, tag=TAG_GIVE), self.msgr.interrupted):
+                raise Stopped()
+            chunk, states = self.comm.recv(source=0, tag=TAG_GIVE)
+            self.awaiting_chunk = False
+        if chunk >= 0:
+            frames = self.plan.ranks[chunk].source_frames()
+            self.spool.extend(frames)
+            if self._receiver is not None:
+                self._receiver.assigned.put(frames)
+            self.state_frames.update(states)
+        return chunk
+
+    def _stylize_exports(self) -> None:
+        frames = sorted(self.rp.exports)
+        for i in range(0, len(frames), self.batch):
+            group = frames[i:i + self.batch]
+            outs = self._network([self._source(t) for t in group])
+            for t, out in zip(group, outs, strict=True):
+                self.cache[t] = out
+                for consumer in self.rp.exports[t]:
+                    self._send(out, consumer, TAG_HALO)
+            self._check_stop()
+
+    def _process_run(self, run: Run) -> None:
+        self.fuser.reset()
+        if run.state_frame is not None:
+            self.fuser.reset(prev_source=self._source(run.state_frame),
+                             prev_output=self.state_frames[run.state_frame])
+        has_prev = run.state_frame is not None
+        # Queue the halo's flows first: the flow thread computes them while the network runs.
+        halo_pairs = {t: self._pair_future(t) for t in run.halo_frames
+                      if self.flow_mode and (has_prev or t != run.warm_start)}
+        if self.local_halo:  # dynamic schedule: the halo's network outputs are computed here
+            halo = list(run.halo_frames)
+            raw = {}
+            for i in range(0, len(halo), self.batch):
+                group = halo[i:i + self.batch]
+                raw.update(zip(group, self._network([self._source(t) for t in group]), strict=True))
+                self.counts["halo_network_frames"] += len(group)
+        else:
+            self._stylize_ahead_while_halo_arrives(run)
+        # Warm-up over the halo: raw network outputs come from their owners.
+        for t in run.halo_frames:
+            pair = self._wait_pair(halo_pairs.get(t))
+            if self.local_halo:
+                buf = raw.pop(t)
+            else:
+                start = time.perf_counter()
+                req, buf = self.halo_reqs[t]
+                self.msgr.wait(req)
+                self._record("wait_halo", start)
+            self._fuse(t, buf, pair)
+            self.counts["halo_frames"] += 1
+            has_prev = True
+        frames = list(range(run.start, run.stop))
+        for i in range(0, len(frames), self.batch):
+            group = frames[i:i + self.batch]
+            pairs: dict[int, Future | None] = {}
+            for t in group:  # flows run in a helper thread while the network runs
+                pairs[t] = self._pair_future(t) if (has_prev or t != group[0]) and self.flow_mode else None
+            todo = [t for t in group if t not in self.cache]
+            outs = dict(zip(todo, self._network([self._source(t) for t in todo]), strict=True)) if todo else {}
+            for t in group:
+                stylized = self.cache.pop(t) if t in self.cache else outs[t]
+                pair = self._wait_pair(pairs[t])
+                out = self._fuse(t, stylized, pair)
+                self._emit(t, out)
+                has_prev = True
+            self._check_stop()
+
+    def _stylize_ahead_while_halo_arrives(self, run: Run) -> None:
+        """Don't idle while the previous rank stylizes our halo: run the network on our own next
+        frames (fusion must wait for the halo; the network need not). Bounded by 2 x halo frames."""
+        reqs = [self.halo_reqs[t][0] for t in run.halo_frames]
+        if not reqs:
+            return
+        ahead = [t for t in range(run.start, run.stop) if t not in self.cache][: 2 * len(reqs)]
+        for i in range(0, len(ahead), self.batch):
+            if all(req.Test() for req in reqs):
+                return
+            group = ahead[i:i + self.batch]
+            for t, out in zip(group, self._network([self._source(t) for t in group]), strict=True):
+                self.cache[t] = out
+            self._check_stop()
+
+    # -- steps --------------------------------------------------------------------------------
+    def _source(self, t: int) -> np.ndarray:
+        start = time.perf_counter()
+        frame = self.spool.get(t)
+        self._record("wait_source", start, min_s=1e-3)
+        return frame
+
+    def _record(self, phase: str, start: float, min_s: float = 0.0) -> None:
+        """Accumulate a phase's time and keep a bounded timeline of events for the report."""
+        end = time.perf_counter()
+        self.times[phase] += end - start
+        if end - start >= min_s and len(self.events) < MAX_EVENTS:
+            self.events.append((phase, round(start - self.t0, 5), round(end - self.t0, 5)))
+
+    def _network(self, sources: list[np.ndarray]) -> np.ndarray:
+        start = time.perf_counter()
+        out = self.stylizer(np.stack(sources))
+        self._record("network", start)
+        self.counts["network_frames"] += len(sources)
+        return out
+
+    def _pair_future(self, t: int) -> Future:
+        from ..flow import pair_flow, to_gray
+
+        prev, cur = self._source(t - 1), self._source(t)
+
+        def job() -> Any:
+            start = time.perf_counter()
+            result = pair_flow(self.flow_est, to_gray(prev), to_gray(cur))
+            self._record("flow", start)
+            return result
+
+        return self.flow_pool.submit(job)
+
+    def _wait_pair(self, fut: Future | None) -> Any:
+        if fut is None:
+            return None
+        start = time.perf_counter()
+        result = fut.result()
+        self._record("wait_flow", start, min_s=1e-3)
+        return result
+
+    def _fuse(self, t: int, stylized: np.ndarray, pair: Any) -> np.ndarray:
+        source = self._source(t)
+        start = time.perf_counter()
+        out = self.fuser.step(source, stylized, pair=pair)
+        self._record("fuse", start)
+        if self.fuser.last_was_cut:
+            self.counts["scene_cuts"] += 1
+        return out
+
+    def _emit(self, t: int, out: np.ndarray) -> None:
+        _inject_fault(self.comm.Get_rank(), t)
+        self.emitted += 1
+        start = time.perf_counter()
+        if self.sink is not None:  # rank 0 hands frames to its own sink thread
+            while True:
+                try:
+                    self.sink.local.put((t, np.ascontiguousarray(out)), timeout=0.05)
+                    break
+                except queue.Full:
+                    if self.msgr.interrupted() and not self.sink.is_alive():
+                        raise Stopped() from None
+        else:
+            msg = np.empty(8 + self.fbytes, dtype=np.uint8)
+            msg[:8].view(np.int64)[0] = t
+            msg[8:] = out.reshape(-1)
+            self._send_raw(msg, 0, TAG_OUT)
+            self.sent += 1
+        self._record("send", start, min_s=1e-3)
+        if self.emitted == 1:
+            pause_point("compute", self.msgr.stop)  # test hook (MPISTYLE_PAUSE_AT): hold mid-work for a signal
+
+    def _send(self, frame: np.ndarray, dest: int, tag: int) -> None:
+        self._send_raw(np.ascontiguousarray(frame).reshape(-1), dest, tag)
+
+    def _send_raw(self, buf: np.ndarray, dest: int, tag: int) -> None:
+        self.pending = [(r, b) for r, b in self.pending if not r.Test()]
+        while len(self.pending) >= 8:  # bound the memory held by in-flight sends
+            req, _ = self.pending.pop(0)
+            self.msgr.wait(req, interruptible=False)
+        self.pending.append((self.comm.Isend(buf, dest=dest, tag=tag), buf))
+
+    def _check_stop(self) -> None:
+        if self.msgr.interrupted():
+            raise Stopped()
+
+    # -- shutdown -----------------------------------------------------------------------------
+    def finish_sends(self) -> None:
+        for req, _ in self.pending:
+            poll_until(req.Test)
+        self.pending = []
+
+    def cancel_unmatched(self) -> None:
+        for req, _ in self.halo_reqs.values():
+            if not req.Test():
+                req.Cancel()
+                req.Wait()
+        self.flow_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _inject_fault(rank: int, frame: int) -> None:
+    """Test hook: MPISTYLE_FAULT="RANK:FRAME:raise|kill|hang" makes that rank fail at that frame.
+
+    The failure tests use it to prove that one rank's exception, death or stall ends the whole job.
+    """
+    spec = os.environ.get("MPISTYLE_FAULT")
+    if not spec:
+        return
+    want_rank, want_frame, kind = spec.split(":")
+    if int(want_rank) != rank or int(want_frame) != frame:
+        return
+    if kind == "kill":
+        os.kill(os.getpid(), 9)
+    if kind == "hang":
+        time.sleep(3600)
+    raise RuntimeError(f"injected fault at frame {frame}")
