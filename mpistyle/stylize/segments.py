@@ -113,7 +113,7 @@ class SegmentWriter(threading.Thread):
         self.directory, self.width, self.height, self.fps = directory, width, height, fps
         self.crf, self.threads = crf, threads
         self._factory = encoder_factory
-        self._queue: queue.Queue[tuple[int, np.ndarray] | None] = queue.Queue(maxsize=16)
+        self._queue: queue.Queue[tuple[int, np.ndarray] | None] = queue.Queue(maxsize=8)
         self._abort = threading.Event()
         self.finished: list[tuple[int, int]] = []  # (first, count) of the segments written
         self.failures = 0
