@@ -77,8 +77,8 @@ def _make(tmp: Path, case: str) -> tuple[list[str], str]:
         copy = tmp / "in.mp4"
         copy.write_bytes(BBB.read_bytes())
         return [str(copy), "-o", str(copy)], "same file"
-    if case == "output is a directory":
-        return [clip, "-o", str(tmp)], "directory"
+    if case == "output is a directory":  # one holding other files: an empty or new one takes PNG frames
+        return [clip, "-o", str(tmp.parent)], "directory"
     if case == "output not a video name":
         return [clip, "-o", str(tmp / "out.txt")], "must end in"
     if case == "width zero":

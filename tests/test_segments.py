@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 from fractions import Fraction
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from mpistyle.stylize.segments import (
     tile,
     uses_segments,
 )
-from mpistyle.video import probe, read_all
+from mpistyle.video import ffmpeg_exe, probe, read_all
 
 from .conftest import BBB, CARPHONE, run_mpistyle
 
@@ -72,6 +74,32 @@ def test_writer_starts_a_segment_at_every_gap_and_join_fills_the_holes(tmp_path:
     decoded = read_all(str(out))
     assert min(psnr(a, b) for a, b in zip(decoded, frames, strict=True)) > 30  # frames in the right order
     assert not directory.exists()  # removed once the output is written
+
+
+@pytest.mark.parametrize("fps", [Fraction(25), Fraction(30000, 1001)])
+def test_join_of_uneven_segments_keeps_duration_rate_and_order(tmp_path: Path, fps: Fraction) -> None:
+    """Segments of 1 and 2 frames have no B-frame delay, longer ones do: the join must still be exact."""
+    frames = _clip_frames(12)
+    h, w = frames.shape[1:3]
+    directory = tmp_path / "segs"
+    directory.mkdir()
+    t = 0
+    for size in (1, 2, 3, 6):
+        writer = SegmentWriter(str(directory), w, h, fps, crf=18, threads=1)
+        writer.start()
+        for k in range(t, t + size):
+            writer.put(k, frames[k])
+        writer.close()
+        t += size
+    out = tmp_path / "out.mp4"
+    join_output(str(directory), str(out), 12, w, h, fps, lambda t: frames[t], audio_from=None, crf=18, threads=1)
+    header = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(out)], capture_output=True, text=True).stderr
+    hours, minutes, seconds = re.search(r"Duration: (\d+):(\d+):([\d.]+)", header).groups()
+    assert abs(float(seconds) + 60 * int(minutes) - float(12 / fps)) < 0.011  # the header's duration: 12 frames
+    info = probe(str(out))
+    assert info.n_frames == 12 and info.fps == fps
+    decoded = read_all(str(out))
+    assert min(psnr(a, b) for a, b in zip(decoded, frames, strict=True)) > 30
 
 
 def test_aborted_writer_leaves_no_partial_segment(tmp_path: Path) -> None:
