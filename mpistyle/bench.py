@@ -24,6 +24,16 @@ What it measures, on one clip (cut to ``--frames`` first when asked):
    of the run (ranks and ffmpeg): far below ranks x ``process_s`` means other jobs held the cores.
 3. **scaling model**: a projection for long videos on 1..512 ranks from the measured per-frame
    costs (see :func:`scaling_model`).
+4. **flow and fusion alone**: pair flows/s with 1 thread and with a :class:`~mpistyle.flowpool.FlowPool`
+   of one thread per CPU (``--flow-pairs``), so the pool's effect shows on any machine; and fusion
+   ms/frame with the NumPy/OpenCV reference and with the torch kernels on ``--device``.
+5. **rank 0's serial cost per frame, per output mode**: with ``--encode both`` (default) every
+   multi-rank pipeline runs twice, ``--encode segments`` (each rank encodes its frames, rank 0 joins)
+   and ``--encode rank0`` (one x264 on rank 0). From the largest run of each mode: rank 0's decode,
+   HDF5 write/commit, and encode (rank0) or join (segments), per frame of the video. Their sum is
+   the measured serial cost ``s0`` that the scaling model then uses for that mode, giving a frames/s
+   ceiling ``1 / s0`` and how many ranks (CPU ranks as measured; GPU ranks at ``--gpu-rank-fps``)
+   fit under it (see :func:`rank0_cost` and :func:`encode_projection`).
 
 ``--repeat R`` repeats each measurement and keeps the fastest (the least disturbed by other jobs
 on a shared machine); every repeat is kept in the JSON. The 1-minute load average before and after
@@ -60,7 +70,11 @@ LONG_VIDEO_FRAMES = 10_000
 # Phases timed on each rank's main thread (they add up to its work time, minus untimed bookkeeping).
 MAIN_PHASES = ("network", "wait_flow", "fuse", "send", "wait_halo", "wait_source")
 # Phases of helper threads (flow on every rank; decode/write/encode on rank 0): they overlap the above.
-HELPER_PHASES = ("flow", "decode", "write", "encode")
+HELPER_PHASES = ("flow", "decode", "write", "encode", "segment_encode", "join")
+# Output modes the bench compares (stylize --encode); "both" runs each multi-rank pipeline in each.
+ENCODE_MODES = ("rank0", "segments")
+# End-to-end rate of one GPU rank that issue 8 targets: how many such ranks fit under rank 0's ceiling.
+GPU_RANK_FPS = 300.0
 TARGETS = {"ratio": 1.15, "speedup_2": 1.85, "s_per_frame_2": 0.34}
 
 
@@ -274,6 +288,80 @@ def _compare_precision(model: Any, dev: Any, dtype: Any, frames: np.ndarray, psn
 
 
 # --------------------------------------------------------------------------------------------
+# flow and fusion alone
+
+
+def _first_frames(video: str, n: int) -> list[np.ndarray]:
+    from .video import iter_frames
+
+    stream = iter_frames(video)
+    try:
+        frames = [f for _, f in zip(range(n), stream, strict=False)]
+    finally:
+        stream.close()
+    if len(frames) < 2:
+        raise MpistyleError(f"{video}: at least two frames are needed to measure flow")
+    return frames
+
+
+def measure_flow(video: str, cpus: int, pairs: int = 24, frames: int = 8) -> dict[str, Any]:
+    """Pair flows/s (DIS fast, forward + backward + mask) with 1 thread and with a pool of ``cpus`` threads.
+
+    1 thread: one worker, OpenCV limited to one thread. All threads: a :class:`~mpistyle.flowpool.FlowPool`
+    of ``cpus`` workers of one OpenCV thread each. Consecutive pairs of the first ``frames`` frames, cycled.
+    """
+    import cv2
+
+    from .flowpool import measure_pairs_per_s
+
+    clip = _first_frames(video, frames)
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        one = measure_pairs_per_s(clip, workers=1, pairs=pairs)
+    finally:
+        cv2.setNumThreads(before)
+    every = measure_pairs_per_s(clip, workers=cpus, pairs=pairs)
+    return {"pairs": pairs, "width": int(clip[0].shape[1]), "height": int(clip[0].shape[0]),
+            "threads_1": one, "threads_all": every, "speedup": every["pairs_per_s"] / one["pairs_per_s"]}
+
+
+def measure_fusion(video: str, device: str, frames: int = 8, repeat: int = 3) -> dict[str, Any]:
+    """Per-frame fusion time (warp of the previous output + blend), NumPy/OpenCV vs torch on ``device``.
+
+    The pair flows are computed beforehand (not timed). Torch: the pair's upload, the warp and the
+    fuse, synchronised. Both produce the same frames (the check is in the tests); the figure is the
+    fastest of ``repeat`` passes.
+    """
+    import torch
+
+    from .flow import FlowEstimator, pair_flow, to_gray
+    from .fusion import NumpyFusion
+    from .fusion_torch import TorchFusion
+    from .mpi import select_device
+
+    clip = _first_frames(video, frames)
+    est = FlowEstimator()
+    pairs = [pair_flow(est, to_gray(a), to_gray(b)) for a, b in zip(clip, clip[1:], strict=False)]
+    dev = torch.device(select_device(device, 0))
+    out: dict[str, Any] = {"frames": len(pairs), "device": str(dev)}
+    npf, tf = NumpyFusion(), TorchFusion(dev)
+    for name, backend in (("numpy", npf), ("torch", tf)):
+        sty = [backend.asarray(f[:, ::-1].copy()) for f in clip]  # stand-in stylizations, already in place
+        best = math.inf
+        for _ in range(max(1, repeat) + 1):  # the first pass warms up (allocations, kernels)
+            _sync(dev)
+            start = time.perf_counter()
+            for t, pair in enumerate(pairs, start=1):
+                p = backend.upload_pair(pair)
+                backend.fuse(sty[t], backend.warp(sty[t - 1], p.flow_back), p.mask, 0.7)
+            _sync(dev)
+            best = min(best, (time.perf_counter() - start) / len(pairs))
+        out[f"{name}_ms"] = best * 1e3
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # (b, c) the whole pipeline under mpiexec
 
 
@@ -443,7 +531,10 @@ def scaling_model(measured: dict[str, Any], ranks: Sequence[int], frames: int = 
     link (rank 0's serial share of every frame: it decodes and scatters each frame once, gathers,
     buffers and encodes it once; root_cpu is that cost as CPU time, which also counts the ffmpeg
     processes that the threads' clocks miss). K = halo frames, w = measured halo wait per boundary,
-    S = startup (launch, imports, model load). With F frames:
+    S = startup (launch, imports, model load). When ``measured`` holds ``root_serial_s`` (rank 0's
+    serial cost per frame measured in a multi-rank run of one output mode, :func:`rank0_cost`), s0 =
+    root_serial_s + 2 x frame_bytes / link instead; ``segment_encode_s`` (each rank's own x264 in
+    segments mode) is then part of c. With F frames:
 
         H(P)     = [P > 1] * (K * (flow + fuse) + w)      one boundary on the critical path
         T(P)     = S + F*c/P + F*s0 + H(P)                  equal partitions (current design:
@@ -457,12 +548,8 @@ def scaling_model(measured: dict[str, Any], ranks: Sequence[int], frames: int = 
     startup do not. ``speedup`` and ``efficiency`` are against T(1).
     """
     n = float(measured["network_s"])
-    c = n + float(measured.get("flow_s", 0.0)) + float(measured.get("fuse_s", 0.0)) + float(
-        measured.get("send_s", 0.0))
-    comm = 2.0 * float(measured.get("frame_bytes", 0)) / link_bytes_per_s
-    threads_s0 = float(measured.get("decode_s", 0.0)) + float(measured.get("write_s", 0.0)) + float(
-        measured.get("encode_s", 0.0))
-    s0 = max(threads_s0, float(measured.get("root_cpu_s", 0.0))) + comm
+    c = n + sum(float(measured.get(k, 0.0)) for k in ("flow_s", "fuse_s", "send_s", "segment_encode_s"))
+    s0 = root_serial_per_frame(measured, link_bytes_per_s)
     k = int(measured.get("halo", 0))
     startup = float(measured.get("startup_s", 0.0))
     halo_step = k * (float(measured.get("flow_s", 0.0)) + float(measured.get("fuse_s", 0.0))) + float(
@@ -495,6 +582,91 @@ def scaling_model(measured: dict[str, Any], ranks: Sequence[int], frames: int = 
             "bound": "rank-0 stream" if frames * s0 >= parallel_bal else "compute",
         })
     return rows
+
+
+def root_serial_per_frame(measured: dict[str, Any], link_bytes_per_s: float = 1.25e9) -> float:
+    """s0 of :func:`scaling_model`: rank 0's serial seconds per frame, its link's share included."""
+    comm = 2.0 * float(measured.get("frame_bytes", 0)) / link_bytes_per_s
+    if measured.get("root_serial_s") is not None:  # measured per mode: use it as it is
+        return float(measured["root_serial_s"]) + comm
+    threads_s0 = float(measured.get("decode_s", 0.0)) + float(measured.get("write_s", 0.0)) + float(
+        measured.get("encode_s", 0.0))
+    return max(threads_s0, float(measured.get("root_cpu_s", 0.0))) + comm
+
+
+def rank0_cost(report: dict[str, Any], mode: str) -> dict[str, Any]:
+    """Rank 0's serial cost per frame of the video in one stylize report, split into its parts.
+
+    decode (rank 0's decoder thread), write (the sink's HDF5 writes and commits), encode (the sink
+    feeding the one x264, ``--encode rank0``), join (filling holes and the stream-copy concat after
+    the work, ``--encode segments``). ``serial_s`` is their sum: the threads overlap each other and
+    the work, so the sum is the conservative figure. ``segment_encode_s`` is each rank's own encoder
+    per frame it encoded: parallel work, not rank 0's.
+    """
+    frames = max(int(report["frames"]), 1)
+    root = next(e for e in report["per_rank"] if e.get("rank", 0) == 0)
+    times = {k: float(v) for k, v in (root.get("times_s") or {}).items()}
+    parts = {f"{k}_s": times.get(k, 0.0) / frames for k in ("decode", "write", "encode", "join")}
+    seg_time = sum(float((e.get("times_s") or {}).get("segment_encode", 0.0)) for e in report["per_rank"])
+    seg_frames = sum(int(e.get("frames") or 0) for e in report["per_rank"]
+                     if (e.get("times_s") or {}).get("segment_encode") is not None)
+    return {"mode": mode, "ranks": int(report["ranks"]), "frames": frames, **parts,
+            "serial_s": sum(parts.values()),
+            "segment_encode_s": seg_time / seg_frames if seg_frames else 0.0,
+            "segments": sum(int((e.get("counts") or {}).get("segments", 0)) for e in report["per_rank"])}
+
+
+def encode_projection(measured: dict[str, Any], cost: dict[str, Any], ranks: Sequence[int],
+                      frames: int = LONG_VIDEO_FRAMES, gpu_rank_fps: float = GPU_RANK_FPS,
+                      link_bytes_per_s: float = 1.25e9) -> dict[str, Any]:
+    """How far one output mode scales, from rank 0's measured serial cost (``cost``, :func:`rank0_cost`).
+
+    ``ceiling_fps`` = 1 / s0: no rank count makes the run faster than rank 0 can decode, buffer and
+    encode or join. ``cpu_ranks_to_wall`` = c / s0: ranks of this run's per-frame cost c that it takes
+    to reach that ceiling; ``gpu_ranks_to_wall`` = ceiling / ``gpu_rank_fps``: the same for GPU ranks
+    running at that end-to-end rate. ``scaling`` is :func:`scaling_model` with these costs.
+    ``ceiling_overlapped_fps`` is the optimistic bound where the decoder thread and the sink thread
+    (write + encode) run on cores of their own: 1 / (max(decode, write + encode) + join + link).
+    """
+    model_in = {**measured, "root_serial_s": cost["serial_s"], "segment_encode_s": cost["segment_encode_s"]}
+    s0 = root_serial_per_frame(model_in, link_bytes_per_s)
+    c = float(measured["network_s"]) + sum(
+        float(model_in.get(k, 0.0)) for k in ("flow_s", "fuse_s", "send_s", "segment_encode_s"))
+    ceiling = 1.0 / s0 if s0 > 0 else math.inf
+    link = s0 - cost["serial_s"]
+    overlapped = max(float(cost.get("decode_s", 0.0)), float(cost.get("write_s", 0.0)) + float(
+        cost.get("encode_s", 0.0))) + float(cost.get("join_s", 0.0)) + link
+    return {
+        "mode": cost["mode"],
+        "measured_at_ranks": cost["ranks"],
+        "root_serial_s": cost["serial_s"],
+        "link_s": link,
+        "s0": s0,
+        "rank_s_per_frame": c,
+        "ceiling_fps": ceiling,
+        "cpu_ranks_to_wall": c / s0 if s0 > 0 else math.inf,
+        "gpu_rank_fps": gpu_rank_fps,
+        "gpu_ranks_to_wall": ceiling / gpu_rank_fps,
+        "ceiling_overlapped_fps": 1.0 / overlapped if overlapped > 0 else math.inf,
+        "model_input": model_in,
+        "scaling": scaling_model(model_in, ranks, frames=frames, link_bytes_per_s=link_bytes_per_s),
+    }
+
+
+def encode_jobs(ranks: Sequence[int], encode: str) -> list[tuple[int, str]]:
+    """(rank count, --encode mode) of one pipeline round; a rank count's first job is its primary run.
+
+    Primary runs are what the speed-up and targets use: stylize's default (auto: rank0 on 1 rank,
+    segments on more) unless one mode is forced. ``both`` adds a rank0 run for each multi-rank count.
+    """
+    if encode in ENCODE_MODES:
+        return [(n, encode) for n in ranks]
+    jobs = []
+    for n in ranks:
+        jobs.append((n, "rank0" if n == 1 else "segments"))
+        if encode == "both" and n > 1:
+            jobs.append((n, "rank0"))
+    return jobs
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,6 +706,9 @@ def format_report(result: dict[str, Any]) -> str:
         f"(fp32 {chk['fp32_s_per_frame']:.3f} s/frame, {chk['reduced']} "
         f"{chk[chk['reduced'] + '_s_per_frame']:.3f} s/frame)",
         "",
+        _flow_line(result),
+        _fusion_line(result),
+        "",
         "pipeline (mpiexec -n N mpistyle stylize; s/frame: process = launcher clock, wall = report wall_s "
         "incl. setup, work = wall_s - setup_s):",
     ]
@@ -550,7 +725,7 @@ def format_report(result: dict[str, Any]) -> str:
                   f"(wall_s), {summ['ratio_process']:.3f} (process); work_s / network time in the same run: "
                   f"{_fmt(summ['ratio_in_run'])}"]
     lines += ["", "per rank (s; main thread: network wait_flow fuse send wait_halo wait_source; helpers: "
-                  "flow decode write encode; other = work_s - main thread):"]
+                  "flow decode write encode segment_encode join; other = work_s - main thread):"]
     rows = []
     for r in summ["runs"]:
         for pr in r["per_rank"]:
@@ -581,7 +756,62 @@ def format_report(result: dict[str, Any]) -> str:
              _fmt(r["overhead_fraction_balanced"] * 100, ".1f") + "%", r["bound"]] for r in result["scaling"]]
     lines += _table(["ranks", "frames/rank", "T_s", "overhead", "speedup", "eff", "T_bal_s", "overhead_bal",
                      "bound (bal)"], rows)
+    lines += _encode_lines(result)
     return "\n".join(lines)
+
+
+def _encode_lines(result: dict[str, Any]) -> list[str]:
+    """Rank 0's measured serial cost per --encode mode and how far each mode scales with it."""
+    projections = result.get("encode_scaling") or {}
+    if not projections:
+        return []
+    lines = ["", "pipeline runs by --encode mode (s/frame work, speed-up over the 1-rank run):"]
+    for mode, mode_runs in result["encode_runs"].items():
+        lines.append(f"  {mode}: " + ", ".join(
+            f"{n} rank(s) {_fmt(r['s_per_frame_work'], '.4f')} ({_fmt(r['speedup'], '.2f')}x)"
+            for n, r in mode_runs.items()))
+    gpu_fps = next(iter(projections.values()))["gpu_rank_fps"]
+    lines += ["", "rank 0's serial cost per frame, measured (ms/frame of the video, from the largest run of each "
+                  "mode; serial = decode + write + encode + join; link = scatter + gather at 10 Gb/s; "
+                  "seg_enc = each rank's own encoder, parallel):"]
+    rows = []
+    for mode, proj in projections.items():
+        cost = result["rank0_cost"][mode]
+        rows.append([mode, str(cost["ranks"]), *(_fmt(cost[k] * 1e3, ".2f") for k in (
+            "decode_s", "write_s", "encode_s", "join_s", "serial_s")), _fmt(proj["link_s"] * 1e3, ".2f"),
+            _fmt(cost["segment_encode_s"] * 1e3, ".2f"), _fmt(proj["ceiling_fps"], ".0f"),
+            _fmt(proj["cpu_ranks_to_wall"], ".0f"), _fmt(proj["gpu_ranks_to_wall"], ".1f"),
+            _fmt(proj["ceiling_overlapped_fps"], ".0f")])
+    lines += _table(["encode", "ranks", "decode", "write", "encode", "join", "serial", "link", "seg_enc",
+                     "ceiling f/s", "ranks to wall (this run's c)", f"GPU ranks @{gpu_fps:.0f} f/s",
+                     "ceiling if threads overlap"], rows)
+    lines += ["  (join is mostly a fixed cost, a process start and one stream copy, spread here over "
+              f"{result['frames']} frames: short clips overstate it per frame)",
+              "", "scaling model with each mode's measured rank-0 cost (overhead, equal partitions / balanced):"]
+    for mode, proj in projections.items():
+        lines.append(f"  {mode}: " + ", ".join(
+            f"{r['ranks']}: {r['overhead_fraction'] * 100:.0f}%/{r['overhead_fraction_balanced'] * 100:.0f}%"
+            for r in proj["scaling"]))
+    return lines
+
+
+def _flow_line(result: dict[str, Any]) -> str:
+    flow = result.get("flow")
+    if not flow:
+        return "flow alone: not measured"
+    one, every = flow["threads_1"], flow["threads_all"]
+    return (f"flow alone (DIS fast fwd+bwd + mask, {flow['width']}x{flow['height']}, {flow['pairs']} pairs): "
+            f"{one['pairs_per_s']:.1f} pairs/s at 1 thread, {every['pairs_per_s']:.1f} pairs/s with a pool of "
+            f"{every['workers']} threads ({flow['speedup']:.2f}x); CPU {one['cpu_s'] / one['pairs'] * 1e3:.1f} ms/pair "
+            "(on a shared machine, pairs/s drops with the load; CPU time does not)")
+
+
+def _fusion_line(result: dict[str, Any]) -> str:
+    fusion = result.get("fusion")
+    if not fusion:
+        return "fusion alone: not measured"
+    return (f"fusion alone (warp + blend, {fusion['frames']} frames): NumPy/OpenCV {fusion['numpy_ms']:.2f} ms/frame, "
+            f"torch on {fusion['device']} {fusion['torch_ms']:.2f} ms/frame")
 
 
 def _targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -627,7 +857,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write each run's plots (timeline, warping error, strip) in DIR/ranks-N/")
     parser.add_argument("--long-frames", type=_positive_int, default=LONG_VIDEO_FRAMES, metavar="F",
                         help=f"video length for the scaling model (default {LONG_VIDEO_FRAMES})")
+    parser.add_argument("--flow-pairs", type=_positive_int, default=24, metavar="P",
+                        help="pairs for the flow throughput figure at 1 thread and at all CPUs (default 24)")
+    parser.add_argument("--encode", choices=("both", "auto", *ENCODE_MODES), default="both",
+                        help="stylize --encode for the pipeline runs: both (default) runs every multi-rank count "
+                             "with segments (stylize's default there) and again with rank0, to measure rank 0's "
+                             "serial cost in each; auto, rank0 or segments: one run per rank count")
+    parser.add_argument("--gpu-rank-fps", type=float, default=GPU_RANK_FPS, metavar="FPS",
+                        help="end-to-end frames/s of one GPU rank, for how many GPU ranks fit under rank 0's "
+                             f"measured ceiling (default {GPU_RANK_FPS:.0f})")
     parser.add_argument("--mpiexec", default=None, help="MPI launcher (default: the environment's mpiexec)")
+
+
+def _run_row(run: dict[str, Any], one: dict[str, Any]) -> dict[str, Any]:
+    """One run of a given --encode mode, for comparing modes at the same rank count."""
+    rep = run["report"]
+    work = work_seconds(rep)
+    return {"ranks": run["ranks"], "encode": run["encode"], "work_s": work, "wall_s": float(rep["wall_s"]),
+            "s_per_frame_work": work / int(rep["frames"]), "speedup": work_seconds(one["report"]) / work,
+            "process_s": run["process_s"], "cpu_s": run.get("cpu_s")}
 
 
 def _check_writable(path: str | None, what: str) -> None:
@@ -663,19 +911,25 @@ def main(args: argparse.Namespace) -> int:
         if args.frames is not None and args.frames < info.n_frames:
             clip = cut_video(video, args.frames, tmp)
             info = probe(clip)
-        runs: dict[int, dict[str, Any]] = {}
-        repeats: dict[int, list[dict[str, Any]]] = {}
+        jobs = encode_jobs(args.ranks, args.encode)
+        primary = {n: mode for n, mode in reversed(jobs)}  # a rank count's first job
+        by_mode: dict[str, dict[int, dict[str, Any]]] = {}  # fastest run of each (mode, ranks)
+        repeats: dict[str, list[dict[str, Any]]] = {}
 
         def pipelines(_: int) -> None:  # one round of pipeline runs after each forward pass
-            for n in args.ranks:
-                run = run_pipeline(mpiexec, n, clip, model_path, threads, args.precision, args.device, tmp)
-                repeats.setdefault(n, []).append(
+            for n, mode in jobs:
+                run = run_pipeline(mpiexec, n, clip, model_path, threads, args.precision, args.device, tmp,
+                                   extra=("--encode", mode))
+                run["encode"] = mode
+                key = str(n) if primary[n] == mode else f"{n}-{mode}"
+                repeats.setdefault(key, []).append(
                     {k: run[k] for k in ("process_s", "cpu_s", "load_before", "load_after")} | {
                         "wall_s": run["report"]["wall_s"], "work_s": work_seconds(run["report"])})
-                if n not in runs or work_seconds(run["report"]) < work_seconds(runs[n]["report"]):
-                    if n in runs:
-                        _remove(runs[n]["output"])
-                    runs[n] = run
+                best = by_mode.setdefault(mode, {})
+                if n not in best or work_seconds(run["report"]) < work_seconds(best[n]["report"]):
+                    if n in best:
+                        _remove(best[n]["output"])
+                    best[n] = run
                 else:
                     _remove(run["output"])
 
@@ -683,6 +937,10 @@ def main(args: argparse.Namespace) -> int:
         forward = measure_forward(clip, model_path, args.device, args.precision, threads, info.n_frames,
                                   repeat=args.repeat, compare_frames=args.compare_frames,
                                   after_pass=pipelines)
+        logger.info("flow alone: %d pairs at 1 thread and at %d threads", args.flow_pairs, cpus)
+        flow = measure_flow(clip, cpus, pairs=args.flow_pairs)
+        fusion = measure_fusion(clip, args.device)
+        runs = {n: by_mode[mode][n] for n, mode in primary.items()}
         if args.plots:
             from .report import write_plots
 
@@ -690,6 +948,8 @@ def main(args: argparse.Namespace) -> int:
                 write_plots(run["report"], clip, run["output"], os.path.join(args.plots, f"ranks-{n}"))
         summary = summarize(forward, runs)
         measured = measured_costs(summary, runs)
+        costs = {mode: rank0_cost(mode_runs[max(mode_runs)]["report"], mode)
+                 for mode, mode_runs in by_mode.items()}  # the largest run: rank 0 serves the most ranks
         result: dict[str, Any] = {
             "mpistyle": __version__,
             "video": video,
@@ -703,15 +963,26 @@ def main(args: argparse.Namespace) -> int:
             "threads_per_rank": threads,
             "host": {"cpus": cpus, "load_start": load_start, "load_end": _load()},
             "forward": forward,
+            "flow": flow,
+            "fusion": fusion,
             "summary": summary,
             "overhead_1rank": overhead_breakdown(forward["per_frame_s"], runs[1]["report"]),
             "targets": _targets(summary),
             "measured": measured,
             "scaling": scaling_model(measured, SCALING_RANKS, frames=args.long_frames),
-            "repeats": {str(n): reps for n, reps in repeats.items()},
+            "encode": args.encode,
+            "encode_runs": {mode: {str(n): _run_row(run, runs[1]) for n, run in sorted(mode_runs.items())}
+                            for mode, mode_runs in by_mode.items()},
+            "rank0_cost": costs,
+            "encode_scaling": {mode: encode_projection(measured, cost, SCALING_RANKS, frames=args.long_frames,
+                                                       gpu_rank_fps=args.gpu_rank_fps)
+                               for mode, cost in costs.items()},
+            "repeats": repeats,
             "reports": {str(n): run["report"] for n, run in runs.items()},
+            "extra_reports": {f"{n}-{mode}": run["report"] for mode, mode_runs in by_mode.items()
+                              for n, run in mode_runs.items() if primary[n] != mode},
         }
-    for n, run in runs.items():
+    for n, run in runs.items():  # (the other mode's runs share these settings)
         if run["report"].get("precision") != forward["precision"]:
             logger.warning("the %d-rank run used %s but the forward pass %s", n,
                            run["report"].get("precision"), forward["precision"])

@@ -178,8 +178,18 @@ def pair_flow(est: FlowEstimator, prev_gray: np.ndarray, cur_gray: np.ndarray,
     """
     flow_back = est.flow(cur_gray, prev_gray)
     flow_fwd = est.flow(prev_gray, cur_gray)
-    mask = certainty_mask(flow_back, flow_fwd, motion_boundaries=motion_boundaries)
-    if min_filter > 1:
-        # Erosion with a replicated border: the frame edge itself is not a reason to distrust.
-        mask = cv2.erode(mask, np.ones((min_filter, min_filter), np.uint8), borderType=cv2.BORDER_REPLICATE)
-    return PairFlow(flow_back=flow_back, mask=mask, confidence=float(mask.mean()))
+    mask = erode_mask(certainty_mask(flow_back, flow_fwd, motion_boundaries=motion_boundaries), min_filter)
+    return PairFlow(flow_back=flow_back, mask=mask, confidence=mask_confidence(mask))
+
+
+def erode_mask(mask: np.ndarray, width: int = MASK_MIN_FILTER) -> np.ndarray:
+    """Min-filter of ``width`` x ``width`` (anchor at the centre); ``width`` <= 1 returns ``mask`` itself."""
+    if width <= 1:
+        return mask
+    # Erosion with a replicated border: the frame edge itself is not a reason to distrust.
+    return cv2.erode(mask, np.ones((width, width), np.uint8), borderType=cv2.BORDER_REPLICATE)
+
+
+def mask_confidence(mask: np.ndarray) -> float:
+    """Scene-cut score: the mean of the mask (float32 mean, as a Python float)."""
+    return float(mask.mean())

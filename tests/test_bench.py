@@ -31,8 +31,9 @@ def _finite_positive(x: float) -> bool:
 def bench_result(tmp_path_factory, model_args) -> tuple[dict, str]:
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "bench.json"
+    # --encode both (the default): the 2-rank pipeline runs with segments and again with rank0.
     proc = run_mpistyle(["bench", str(BBB), "--ranks", "1,2", "--frames", "6", "--compare-frames", "2",
-                         "--repeat", "2", "--json", str(out), *model_args], timeout=300, check=True)
+                         "--repeat", "2", "--json", str(out), *model_args], timeout=900, check=True)
     return json.loads(out.read_text()), proc.stdout
 
 
@@ -55,6 +56,23 @@ def test_bench_measures_what_it_says(bench_result) -> None:
         assert len(run["per_rank"]) == run["ranks"]
     for key in ("pipeline/forward", "speedup", "scaling model", "targets"):
         assert key in stdout
+
+
+def test_bench_reports_flow_pool_and_fusion(bench_result) -> None:
+    result, stdout = bench_result
+    flow = result["flow"]
+    assert (flow["width"], flow["height"]) == (128, 72) and flow["pairs"] == 24
+    one, every = flow["threads_1"], flow["threads_all"]
+    assert one["workers"] == 1 and every["workers"] == result["host"]["cpus"]
+    for r in (one, every):
+        assert r["pairs"] == 24 and _finite_positive(r["pairs_per_s"])
+        assert r["pairs_per_s"] == pytest.approx(r["pairs"] / r["seconds"])
+    assert flow["speedup"] == pytest.approx(every["pairs_per_s"] / one["pairs_per_s"])
+    fusion = result["fusion"]
+    assert fusion["frames"] == 5 and fusion["device"] == "cpu"  # 6 frames: 5 pairs
+    assert _finite_positive(fusion["numpy_ms"]) and _finite_positive(fusion["torch_ms"])
+    assert "pairs/s at 1 thread" in stdout and f"pool of {every['workers']} threads" in stdout
+    assert "torch on cpu" in stdout
 
 
 def test_bench_numbers_are_consistent(bench_result) -> None:
@@ -112,6 +130,99 @@ def test_bench_precision_check_and_scaling(bench_result) -> None:
     assert all(0 <= x < 1 for x in overhead)
     assert overhead == sorted(overhead)
     assert scaling == bench.scaling_model(result["measured"], bench.SCALING_RANKS)
+
+
+def test_bench_measures_rank0_cost_in_both_encode_modes(bench_result) -> None:
+    result, stdout = bench_result
+    assert result["encode"] == "both"
+    costs = result["rank0_cost"]
+    assert set(costs) == {"rank0", "segments"}
+    # Primary 2-rank run: segments (stylize's default there); the rank0 run is the extra one.
+    segments_report, rank0_report = result["reports"]["2"], result["extra_reports"]["2-rank0"]
+    root_times = next(e for e in segments_report["per_rank"] if e["rank"] == 0)["times_s"]
+    assert root_times["join"] > 0 and root_times.get("encode", 0.0) == 0.0  # shutdown reports the join
+    assert "join" not in next(e for e in rank0_report["per_rank"] if e["rank"] == 0)["times_s"]
+    for mode, report in (("segments", segments_report), ("rank0", rank0_report)):
+        cost = costs[mode]
+        assert cost == bench.rank0_cost(report, mode)
+        assert cost["ranks"] == 2 and cost["frames"] == 6
+        assert cost["serial_s"] == pytest.approx(sum(cost[k] for k in ("decode_s", "write_s", "encode_s", "join_s")))
+        assert _finite_positive(cost["decode_s"]) and _finite_positive(cost["write_s"])
+    assert costs["rank0"]["join_s"] == 0.0 and _finite_positive(costs["rank0"]["encode_s"])
+    assert costs["rank0"]["segment_encode_s"] == 0.0 and costs["rank0"]["segments"] == 0
+    assert costs["segments"]["encode_s"] == 0.0 and _finite_positive(costs["segments"]["join_s"])
+    assert _finite_positive(costs["segments"]["segment_encode_s"]) and costs["segments"]["segments"] >= 2
+    # The model for each mode runs on that mode's measured rank-0 cost.
+    for mode, proj in result["encode_scaling"].items():
+        model_in = proj["model_input"]
+        assert model_in["root_serial_s"] == costs[mode]["serial_s"]
+        assert model_in["segment_encode_s"] == costs[mode]["segment_encode_s"]
+        assert proj["scaling"] == bench.scaling_model(model_in, bench.SCALING_RANKS)
+        assert proj["s0"] == pytest.approx(costs[mode]["serial_s"] + proj["link_s"]) and proj["link_s"] > 0
+        assert proj["ceiling_fps"] == pytest.approx(1 / proj["s0"])
+        assert proj["gpu_ranks_to_wall"] == pytest.approx(proj["ceiling_fps"] / bench.GPU_RANK_FPS)
+        assert proj["scaling"][-1]["root_serial_s"] == pytest.approx(10_000 * proj["s0"])
+    for mode in ("rank0", "segments"):
+        assert [r["ranks"] for r in result["encode_runs"][mode].values()] == ([1, 2] if mode == "rank0" else [2])
+    assert len(result["repeats"]["2-rank0"]) == 2
+    assert "rank 0's serial cost per frame, measured" in stdout and "GPU ranks @300 f/s" in stdout
+
+
+def _report(times: list[dict], frames: list[int], counts: list[dict] | None = None) -> dict:
+    counts = counts or [{} for _ in times]
+    return {"frames": sum(frames), "ranks": len(times),
+            "per_rank": [{"rank": r, "frames": f, "times_s": t, "counts": c}
+                         for r, (t, f, c) in enumerate(zip(times, frames, counts, strict=True))]}
+
+
+def test_rank0_cost_splits_rank0_serial_stream() -> None:
+    seg = _report([{"decode": 1.0, "write": 2.0, "join": 0.5, "segment_encode": 3.0, "network": 50.0},
+                   {"segment_encode": 5.0, "network": 50.0}], [40, 60], [{"segments": 1}, {"segments": 2}])
+    cost = bench.rank0_cost(seg, "segments")
+    assert cost["decode_s"] == pytest.approx(0.01) and cost["write_s"] == pytest.approx(0.02)
+    assert cost["encode_s"] == 0.0 and cost["join_s"] == pytest.approx(0.005)
+    assert cost["serial_s"] == pytest.approx(0.035)  # network and the ranks' own encoders are not serial
+    assert cost["segment_encode_s"] == pytest.approx(8.0 / 100) and cost["segments"] == 3
+    one = bench.rank0_cost(_report([{"decode": 1.0, "write": 2.0, "encode": 4.0}, {}], [50, 50]), "rank0")
+    assert one["serial_s"] == pytest.approx(0.07) and one["segment_encode_s"] == 0.0
+
+
+def test_scaling_model_uses_measured_rank0_cost() -> None:
+    ranks = [1, 8, 64, 512]
+    measured = {**SYNTHETIC, "frame_bytes": 0}
+    default = bench.scaling_model(measured, ranks, frames=1000)
+    # A measured root_serial_s replaces the estimate from decode/write/encode and root_cpu_s.
+    for s0 in (0.001, 0.05):
+        rows = bench.scaling_model({**measured, "root_serial_s": s0}, ranks, frames=1000)
+        assert all(r["root_serial_s"] == pytest.approx(1000 * s0) for r in rows)
+    assert default[0]["root_serial_s"] == pytest.approx(1000 * SYNTHETIC["root_cpu_s"])
+    # Each rank's own segment encoder is per-rank compute, not serial.
+    seg = bench.scaling_model({**measured, "root_serial_s": 0.001, "segment_encode_s": 0.1}, ranks, frames=1000)
+    base = bench.scaling_model({**measured, "root_serial_s": 0.001}, ranks, frames=1000)
+    for a, b in zip(seg, base, strict=True):
+        assert a["compute_s"] == pytest.approx(b["compute_s"] + 1000 * 0.1 / a["ranks"])
+
+
+def test_encode_projection_ceiling_and_ranks_to_wall() -> None:
+    measured = {"network_s": 0.5, "flow_s": 0.0, "fuse_s": 0.0, "frame_bytes": 0, "halo": 0}
+    cost = {"mode": "segments", "ranks": 4, "decode_s": 0.0008, "write_s": 0.0005, "encode_s": 0.0, "join_s": 0.0007,
+            "serial_s": 0.002, "segment_encode_s": 0.0}
+    proj = bench.encode_projection(measured, cost, [1, 8, 512], frames=1000, gpu_rank_fps=300.0)
+    assert proj["ceiling_fps"] == pytest.approx(500.0)
+    assert proj["ceiling_overlapped_fps"] == pytest.approx(1 / 0.0015)  # decode overlaps write
+    assert proj["gpu_ranks_to_wall"] == pytest.approx(500.0 / 300.0)
+    assert proj["cpu_ranks_to_wall"] == pytest.approx(0.5 / 0.002)
+    assert proj["scaling"] == bench.scaling_model(proj["model_input"], [1, 8, 512], frames=1000)
+    slower = bench.encode_projection(measured, {**cost, "serial_s": 0.02}, [1, 8, 512], frames=1000)
+    assert slower["ceiling_fps"] < proj["ceiling_fps"]
+    assert slower["scaling"][-1]["total_s"] > proj["scaling"][-1]["total_s"]
+
+
+def test_encode_jobs_primary_run_first() -> None:
+    assert bench.encode_jobs([1, 2, 4], "both") == [(1, "rank0"), (2, "segments"), (2, "rank0"), (4, "segments"),
+                                                     (4, "rank0")]
+    assert bench.encode_jobs([1, 2], "auto") == [(1, "rank0"), (2, "segments")]
+    assert bench.encode_jobs([1, 2], "segments") == [(1, "segments"), (2, "segments")]
 
 
 def test_scaling_model_overhead_grows_with_ranks() -> None:

@@ -236,3 +236,90 @@ def test_cpu_supports_bf16_agrees_with_cpuinfo():
         assert models.cpu_supports_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
     else:
         assert isinstance(models.cpu_supports_bf16(), bool)
+
+
+def test_submit_gives_the_call_result_and_the_device_tensor():
+    frames = _frames(3, 30, 37)
+    sty = Stylizer(_net(), torch.device("cpu"), precision="fp32")
+    ref = sty(frames)
+    first, second = sty.submit(frames[:2]), sty.submit(frames[2:], to_host=False)  # two in flight
+    assert np.array_equal(first.result(), ref[:2])
+    t = second.tensor()
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and tuple(t.shape) == (1, 30, 37, 3)
+    assert np.array_equal(t.numpy(), ref[2:]) and np.array_equal(second.result(), ref[2:])
+    assert sty(frames[:0]).shape == (0, 30, 37, 3)
+    with pytest.raises(ValueError, match="N,H,W,3"):
+        sty.submit(frames[0])
+
+
+def test_resolve_batch_explicit_and_cpu():
+    for device in ("cpu", torch.device("cpu")):
+        assert models.resolve_batch(3, device, 180, 320) == 3
+        assert models.resolve_batch("5", device, 180, 320) == 5
+        for auto in ("auto", None, 0):
+            assert models.resolve_batch(auto, device, 180, 320) == models.CPU_AUTO_BATCH
+    # the free-memory figure is only read on CUDA: on CPU a huge one changes nothing
+    assert models.resolve_batch("auto", "cpu", 180, 320, free_bytes=10**15) == models.CPU_AUTO_BATCH
+    for bad in ("-1", "0.5", "many", -2):
+        with pytest.raises(ValueError, match="positive integer or auto"):
+            models.resolve_batch(bad, "cpu", 180, 320)
+    assert models.parse_batch("auto") == "auto" and models.parse_batch("7") == 7
+
+
+def test_resolve_batch_cuda_arithmetic_with_a_given_free_memory():
+    # No CUDA needed: free_bytes stands in for torch.cuda.mem_get_info; the arithmetic is what is tested.
+    per_frame = models.frame_memory_bytes(360, 640, torch.float16)
+    assert per_frame == int(models.AUTO_BATCH_SAFETY * (models.PEAK_ACTIVATION_ELEMENTS_PER_PIXEL * 2
+                                                        + models.IO_BYTES_PER_PIXEL) * 360 * 640)
+    # 4 frames' worth in the usable fraction of free memory -> 4
+    free = int(4.5 * per_frame / models.AUTO_BATCH_MEMORY_FRACTION)
+    assert models.resolve_batch("auto", "cuda", 360, 640, free_bytes=free) == 4
+    assert models.resolve_batch("auto", "cuda:1", 360, 640, free_bytes=free, ranks_per_device=2) == 2
+    # fp32 frames cost about twice as much
+    assert models.resolve_batch("auto", "cuda", 360, 640, free_bytes=free, dtype=None) == 2
+    # a big GPU is capped; a full one still gets batch 1; 1280x720 costs 4x a 640x360 frame
+    assert models.resolve_batch("auto", "cuda", 360, 640, free_bytes=80 * 2**30) == models.CUDA_MAX_AUTO_BATCH
+    assert models.resolve_batch(None, "cuda", 360, 640, free_bytes=0) == 1
+    assert models.frame_memory_bytes(720, 1280) == pytest.approx(4 * per_frame, rel=1e-6)
+    assert models.resolve_batch("auto", "cuda", 720, 1280, free_bytes=free * 4) == 4
+    assert models.frame_memory_bytes(181, 321) == models.frame_memory_bytes(184, 324)  # padded to multiples of 4
+    assert models.resolve_batch(6, "cuda", 360, 640, free_bytes=0) == 6  # an explicit batch is kept
+    with pytest.raises(ValueError, match="ranks_per_device"):
+        models.resolve_batch("auto", "cuda", 360, 640, free_bytes=free, ranks_per_device=0)
+
+
+@pytest.mark.parametrize("h,w", [(72, 128), (360, 640), (180, 320)])
+def test_activation_constant_bounds_the_counted_peak(h, w):
+    """The per-pixel constant behind --batch auto, against live tensor bytes counted on the meta device."""
+    for dtype in (torch.float16, torch.float32):
+        peak = models.peak_activation_bytes(h, w, dtype)
+        per_pixel = peak / (h * w) / (torch.finfo(dtype).bits // 8)
+        assert 150 < per_pixel <= models.PEAK_ACTIVATION_ELEMENTS_PER_PIXEL
+    assert models.peak_activation_bytes(72, 128, torch.float16, batch=2) == pytest.approx(
+        2 * models.peak_activation_bytes(72, 128, torch.float16), rel=0.01)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU path is tested above)")
+def test_cuda_streams_and_pinned_buffers_give_the_synchronous_result():
+    frames = _frames(5, 36, 44)
+    sty = Stylizer(_net(), torch.device("cuda"), precision="fp16")
+    ref = np.concatenate([sty._forward(torch.from_numpy(f[None]).cuda()).cpu().numpy() for f in frames])
+    pending = [sty.submit(frames[i:i + 2]) for i in range(0, 5, 2)]  # slots reused before results are read
+    assert np.array_equal(np.concatenate([p.result() for p in pending]), ref)
+    dev = sty.submit(frames, to_host=False).tensor()
+    assert dev.device.type == "cuda" and np.array_equal(dev.cpu().numpy(), ref)
+    assert models.resolve_batch("auto", "cuda", 360, 640) >= 1
+
+
+def test_stylize_cli_takes_batch_auto():
+    import argparse
+
+    from mpistyle.cli import add_stylize_arguments
+
+    parser = argparse.ArgumentParser()
+    add_stylize_arguments(parser)
+    assert parser.parse_args(["in.mp4", "-o", "out.mp4", "--batch", "auto"]).batch == 0  # 0: automatic
+    assert parser.parse_args(["in.mp4", "-o", "out.mp4", "--batch", "3"]).batch == 3
+    assert models.resolve_batch(0, "cpu", 180, 320) == models.CPU_AUTO_BATCH
+    with pytest.raises(SystemExit):
+        parser.parse_args(["in.mp4", "-o", "out.mp4", "--batch", "0"])
