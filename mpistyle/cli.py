@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -29,9 +30,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _batch(text: str) -> int:
+    """``--batch N|auto``; auto is 0 (models.resolve_batch treats 0 as auto)."""
+    return 0 if text == "auto" else _positive_int(text)
+
+
 def _nonneg_int(text: str) -> int:
     value = _positive_int(text) if text not in ("0", "+0") else 0
     return value
+
+
+def _sequence_fps(text: str) -> object:
+    """--fps: a positive rate, exact (29.97 -> 30000/1001, 24000/1001 as given)."""
+    from fractions import Fraction
+
+    from .video import snap_fps
+
+    try:
+        value = Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a frame rate: {text!r}") from None
+    if not 0 < value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be a frame rate between 0 and 1000: {text}")
+    return snap_fps(value)
 
 
 def _positive_float(text: str) -> float:
@@ -91,8 +112,9 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto (this rank's local GPU if any, else CPU), cpu, cuda (GPU = local rank) or cuda:N")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="network precision: auto = bf16 on CPUs with native bf16, fp16 on CUDA, else fp32")
-    g.add_argument("--batch", type=_positive_int, default=None,
-                   help="frames per network call (default 1 on CPU, 4 on CUDA)")
+    g.add_argument("--batch", type=_batch, default=None,
+                   help="frames per network call, or auto: from free GPU memory and frame size on CUDA, "
+                        "1 on CPU (default auto)")
     g.add_argument("--threads", type=_positive_int, default=None,
                    help="threads per rank (default SLURM_CPUS_PER_TASK, else node cores / ranks on the node)")
     g.add_argument("--chunk", type=_positive_int, default=8, help="frames per scatter message (default 8)")
@@ -110,6 +132,10 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--restart", action="store_true", help="discard an existing buffer made with other settings")
     g.add_argument("--keep-buffer", action="store_true", help="keep the buffer after a successful run")
     g.add_argument("--crf", type=int, default=18, help="x264 quality (lower = better, default 18)")
+    g.add_argument("--encode", choices=("auto", "rank0", "segments"), default="auto",
+                   help="segments: every rank encodes its own frames and rank 0 joins them; rank0: one encoder on "
+                        "rank 0, in frame order (the N-rank video is then byte-identical to the 1-rank one); "
+                        "auto (default): segments for H.264 outputs on more than one GPU rank, else rank0")
     g.add_argument("--report", default=None, help="write a JSON report (timings per rank, frames/s) here")
     g.add_argument("--metrics", action="store_true",
                    help="after encoding, measure the warping error (overall, at partition boundaries, interior) "
@@ -118,6 +144,11 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
                    help="write PNG plots here: per-frame warping error with partition boundaries, per-rank "
                         "timeline of the phases, source/stylized strip (implies --metrics)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
+    # Image sequences (video.py/sequence.py): INPUT and -o may be a frame pattern or a folder.
+    g = p.add_argument_group("image sequences")
+    g.add_argument("--fps", type=_sequence_fps, default=None,
+                   help="frame rate of an image sequence INPUT (frames/%%04d.png or a folder of PNG/JPEG "
+                        "frames; default 25). -o frames/%%04d.png or -o FOLDER writes PNG frames")
 
 
 def _stylize_options(args: argparse.Namespace) -> object:
@@ -137,8 +168,8 @@ def _stylize_options(args: argparse.Namespace) -> object:
         width=args.width, height=args.height, scale=args.scale, device=args.device, precision=args.precision,
         batch=args.batch or 0, buffer=args.buffer, restart=args.restart, keep_buffer=args.keep_buffer,
         threads=args.threads, scratch=args.scratch, chunk=args.chunk, schedule=args.schedule,
-        chunks=args.chunks or 0, crf=args.crf, report=args.report,
-        progress=not args.no_progress)
+        chunks=args.chunks or 0, crf=args.crf, encode=args.encode, report=args.report,
+        progress=not args.no_progress, fps=args.fps)
 
 
 def cmd_stylize(args: argparse.Namespace) -> int:
@@ -260,10 +291,43 @@ def _abort_world(code: int) -> None:
         mpi.COMM_WORLD.Abort(code)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# Commands that turn SIGTERM/SIGUSR1/SIGINT into "save and exit 75"; the others keep default signals.
+STOPPABLE_COMMANDS = frozenset({"stylize", "train"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose, args.quiet)
+    # First, before torch/mpi4py/cv2 are imported (seconds): a stop signal from here on is recorded
+    # and makes the run stop at once with exit 75, instead of killing a half-started rank.
+    from .mpi import install_stop_handlers, pause_point, restore_default_signals
+
+    as_command = argv is None  # the process's own command line, not a call from Python code
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    install_stop_handlers()
+    stoppable = False
+    try:
+        pause_point("startup")
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        setup_logging(args.verbose, args.quiet)
+        stoppable = args.command in STOPPABLE_COMMANDS
+        if not stoppable:
+            restore_default_signals()
+        return _dispatch(args)
+    finally:
+        if not as_command:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        elif stoppable:
+            # The verdict is final. Python restores default actions while it shuts down (and mpi4py's
+            # MPI_Finalize runs after that): a late TERM, e.g. from srun --kill-on-bad-exit once a peer
+            # rank has exited 75, would turn this rank's 75 into "killed by SIGTERM". Ignored signals
+            # stay ignored through the shutdown.
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except Interrupted as exc:

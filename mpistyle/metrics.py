@@ -7,7 +7,9 @@ output_{t-1} warped to t is taken on [0, 1] RGB. Absolute values depend on the f
 implementation: compare methods only within this implementation, on the same videos.
 
 Partition seams show up as boundary pairs (the first frame of a partition against the last of
-the previous one) with a higher error than the interior pairs.
+the previous one) with a higher error than the interior pairs; a visible restart at the fusion's
+anchors would show the same way at the anchor pairs. :func:`seam_report` compares an N-rank run
+with the 1-rank run frame by frame (``bin/measure-seams``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 
 from mpistyle.errors import MpistyleError
 from mpistyle.flow import FLOW_METHODS, FlowEstimator, certainty_mask, to_gray, warp
+from mpistyle.partition import DEFAULT_ANCHOR_EVERY
 from mpistyle.partition import boundaries as partition_boundaries
 from mpistyle.video import iter_frames
 
@@ -43,6 +46,24 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     if mse == 0.0:
         return math.inf
     return 10.0 * math.log10(255.0 ** 2 / mse)
+
+
+def seam_report(reference: Iterable[np.ndarray], frames: Iterable[np.ndarray]) -> dict:
+    """Per-frame PSNR of an N-rank run against the 1-rank run: the lowest, where, and how many are identical.
+
+    Streams (two frames at a time). ``lowest_psnr`` is inf when every frame is bit-identical.
+    """
+    per_frame: list[float] = []
+    marker = object()
+    for i, (a, b) in enumerate(zip_longest(reference, frames, fillvalue=marker)):
+        if a is marker or b is marker:
+            raise MpistyleError(f"the two runs differ in length (one ends after {i} frames)")
+        per_frame.append(psnr(a, b))
+    if not per_frame:
+        raise MpistyleError("no frames to compare")
+    worst = int(np.argmin(per_frame))
+    return {"frames": len(per_frame), "lowest_psnr": per_frame[worst], "lowest_at": worst,
+            "identical_frames": sum(1 for p in per_frame if math.isinf(p)), "per_frame": per_frame}
 
 
 def _pair_error(flow_est: FlowEstimator, prev_gray: np.ndarray, cur_gray: np.ndarray,
@@ -97,11 +118,13 @@ def _mean(values: np.ndarray) -> float | None:
 
 
 def evaluate(source_path: str, stylized_path: str, boundaries: Sequence[int] = (),
-             flow_method: str = "dis", partitions: int = 0) -> dict:
+             flow_method: str = "dis", partitions: int = 0, anchor_every: int = DEFAULT_ANCHOR_EVERY) -> dict:
     """Warping error of ``stylized_path`` against the motion of ``source_path``, as a JSON-able dict.
 
     A boundary b means the pair (b-1, b). ``partitions`` > 0 derives the boundaries of an even
-    contiguous split instead (used by ``--partitions``).
+    contiguous split instead (used by ``--partitions``). The pairs at the fusion's anchors (every
+    ``anchor_every`` frames, where the output switches chains) are scored apart as well, so a
+    visible restart there would show; "interior" excludes both.
     """
     if partitions < 0:
         raise MpistyleError(f"--partitions must be at least 1, got {partitions}")
@@ -130,8 +153,12 @@ def evaluate(source_path: str, stylized_path: str, boundaries: Sequence[int] = (
     idx = np.array([b - 1 for b in bounds], dtype=np.int64)
     is_boundary = np.zeros(per_pair.size, bool)
     is_boundary[idx] = True
+    anchors = list(range(anchor_every, n_frames, anchor_every)) if anchor_every > 0 else []
+    is_anchor = np.zeros(per_pair.size, bool)
+    is_anchor[np.array([a - 1 for a in anchors], dtype=np.int64)] = True
     boundary_mean = _mean(per_pair[is_boundary])
-    interior_mean = _mean(per_pair[~is_boundary])
+    interior_mean = _mean(per_pair[~is_boundary & ~is_anchor])
+    anchor_mean = _mean(per_pair[is_anchor])
     return {
         "source": source_path,
         "stylized": stylized_path,
@@ -141,9 +168,12 @@ def evaluate(source_path: str, stylized_path: str, boundaries: Sequence[int] = (
         "per_pair": [float(x) for x in per_pair],
         "boundary_pairs": {"boundaries": bounds, "indices": idx.tolist(), "mean": boundary_mean,
                            "values": [float(x) for x in per_pair[is_boundary]]},
+        "anchor_pairs": {"anchors": anchors, "mean": anchor_mean,
+                         "values": [float(x) for x in per_pair[is_anchor]]},
         "interior_mean": interior_mean,
         "boundary_to_interior": (boundary_mean / interior_mean
                                  if boundary_mean is not None and interior_mean else None),
+        "anchor_to_interior": anchor_mean / interior_mean if anchor_mean is not None and interior_mean else None,
     }
 
 
@@ -163,6 +193,11 @@ def format_table(result: dict) -> str:
     ratio = result.get("boundary_to_interior")
     if ratio is not None:
         rows.append(("boundary / interior", f"{ratio:.2f}"))
+    ap = result.get("anchor_pairs") or {}
+    if ap.get("anchors"):
+        rows.append((f"anchor pairs {ap['anchors']}", _fmt(ap.get("mean"))))
+        if result.get("anchor_to_interior") is not None:
+            rows.append(("anchor / interior", f"{result['anchor_to_interior']:.2f}"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{result.get('stylized', 'stylized')} vs {result.get('source', 'source')}"
              f" (flow {result.get('flow', 'dis')})"]

@@ -1,6 +1,6 @@
 """MPI plumbing: world setup, local rank, threads and device per rank, polling waits, stop flag.
 
-MPI is confined here and in ``pipeline.py``/``train.py``. Waits are polling loops (Test + short
+MPI is confined here and in ``stylize/``/``train.py``. Waits are polling loops (Test + short
 sleep) rather than blocking calls: MPICH's blocking waits spin a core, which would steal the
 core from the network on a one-core-per-rank layout, and a polling loop can notice a stop request.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -98,6 +99,45 @@ def select_device(spec: str, local_rank: int) -> str:
     raise MpistyleError(f"unknown device '{spec}' (use auto, cpu, cuda or cuda:N)")
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+PAUSE_ENV = "MPISTYLE_PAUSE_AT"
+PAUSE_LIMIT_S = 600.0
+
+# Process-wide record of stop signals. The CLI installs the handler first thing, before torch and
+# mpi4py are imported, so a signal that lands during start-up is kept here and the run that starts
+# later stops at once (exit 75) instead of the process dying of an unhandled SIGUSR1.
+_pending_signal = ""  # a signal no StopFlag has taken yet
+_seen_signals: list[str] = []  # every stop signal this process got (pause_point waits for one)
+_active: StopFlag | None = None
+
+
+def _on_stop_signal(signum: int, _frame: Any) -> None:
+    global _pending_signal
+    name = signal.Signals(signum).name
+    _seen_signals.append(name)
+    if _active is not None:
+        _active.on_signal(name)
+    elif not _pending_signal:
+        _pending_signal = name
+
+
+def install_stop_handlers() -> None:
+    """Catch SIGTERM/SIGUSR1/SIGINT from now on; a run's StopFlag picks up any that came earlier."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _on_stop_signal)
+
+
+def restore_default_signals() -> None:
+    """For commands without a stop path: default actions back, and a signal that came early acts now."""
+    global _pending_signal
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    name, _pending_signal = _pending_signal, ""
+    if name:
+        signal.raise_signal(signal.Signals[name])
+
+
 class StopFlag:
     """Set by SIGTERM/SIGUSR1 (SLURM's pre-timeout warning) or by a peer's stop message."""
 
@@ -114,13 +154,52 @@ class StopFlag:
     def __bool__(self) -> bool:
         return self.event.is_set()
 
-    def install_signal_handlers(self) -> None:
-        def handler(signum: int, _frame: Any) -> None:
-            self.signal_name = signal.Signals(signum).name
-            self.set(f"received {self.signal_name}")
+    def on_signal(self, name: str) -> None:
+        if not self.signal_name:
+            self.signal_name = name
+        self.set(f"received {name}")
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, handler)
+    def install_signal_handlers(self) -> None:
+        """Make this the flag stop signals set; a signal that came before (start-up) sets it now."""
+        global _active, _pending_signal
+        install_stop_handlers()
+        _active = self
+        name, _pending_signal = _pending_signal, ""
+        if name:
+            logger.debug("stop signal %s arrived during start-up", name)
+            self.on_signal(name)
+
+
+def _rank_from_env() -> int:
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def pause_point(phase: str, stop: StopFlag | None = None) -> None:
+    """Test hook: with MPISTYLE_PAUSE_AT=PHASE[,PHASE...] wait here until a stop signal arrives.
+
+    A test reads the ``paused at PHASE`` line, sends its signal at exactly this point, and the
+    program carries on with the stop pending. Pauses only in a SLURM job's first run, so a requeued
+    run goes through, and never longer than PAUSE_LIMIT_S.
+    """
+    phases = os.environ.get(PAUSE_ENV, "")
+    if phase not in phases.split(",") or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+        return
+
+    def stopped() -> bool:
+        return bool(_seen_signals) or (stop is not None and bool(stop))
+
+    if stopped():
+        return
+    sys.stderr.write(f"mpistyle: rank {_rank_from_env()}: paused at {phase} until a stop signal ({PAUSE_ENV})\n")
+    sys.stderr.flush()
+    deadline = time.monotonic() + PAUSE_LIMIT_S
+    # Polling, not Event.wait: the signal handler sets the event, and must never wait for a lock we hold.
+    while not stopped() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def poll_until(done: Callable[[], bool], interrupt: Callable[[], bool] | None = None,

@@ -10,9 +10,14 @@ Properties the MPI pipeline builds on:
 * The carried state is exactly ``(previous source frame, previous output frame)``, both uint8,
   and every step is deterministic, so a run resumed from a saved output frame is bit-identical.
 * The map from state to output is a contraction: the contribution of the state to ``out_t`` is
-  weighted by at most ``strength``, so a wrong state (a rank's cold start) decays like
-  ``strength**k`` over k frames. Rank halos of K frames therefore converge to the 1-rank
-  result up to the uint8 rounding floor (see :func:`fuse`).
+  weighted by at most ``strength``, so a wrong state decays like ``strength**k`` over k frames,
+  but only down to the uint8 rounding floor: a rounded contraction has several fixed points
+  (:func:`fuse`), so a cold start never provably reaches the 1-rank bits. Hence anchors
+  (:class:`~mpistyle.partition.Anchors`, given to :class:`TemporalFuser`): the recursion
+  restarts at points fixed by the frame index, a new chain starting ``lead`` frames before
+  each anchor and running alongside the old one until the output switches to it at the anchor.
+  Every output frame is then a pure function of the frames since its chain start, whatever
+  the rank count, and the switch is invisible because both chains have converged by then.
 * A scene cut (mean mask below ``scene_cut``) resets to the fresh stylization: nothing is
   smeared across cuts.
 
@@ -41,6 +46,7 @@ import numpy as np
 
 from mpistyle.errors import MpistyleError
 from mpistyle.flow import DIS_PRESETS, FLOW_METHODS, FlowEstimator, PairFlow, pair_flow, to_gray, warp
+from mpistyle.partition import Anchors
 
 logger = logging.getLogger(__name__)
 
@@ -103,14 +109,24 @@ def fuse(stylized: np.ndarray, warped_prev: np.ndarray, mask: np.ndarray, streng
 
 
 class TemporalFuser:
-    """Sequential fusion state: feed frames in order with :meth:`step`."""
+    """Sequential fusion state: feed frames in order with :meth:`step`.
 
-    def __init__(self, settings: TemporalSettings) -> None:
+    With ``anchors`` the fuser runs the anchored chains (see the module docstring) and
+    :meth:`step` needs each frame's index ``t``; without, it is one chain that never restarts
+    except at scene cuts. A cold fuser (no state) starts a chain at the first frame it is given:
+    for a result identical to the 1-rank run, start at ``anchors.chain_start(t)`` or continue
+    from a stored output where ``anchors.exact_from_output(t)`` (what the partition plan does).
+    """
+
+    def __init__(self, settings: TemporalSettings, anchors: Anchors | None = None) -> None:
         self.settings = settings
+        self.anchors = anchors
         self._estimator: FlowEstimator | None = None
         self._prev_source: np.ndarray | None = None
         self._prev_gray: np.ndarray | None = None
-        self._prev_output: np.ndarray | None = None
+        self._prev_output: np.ndarray | None = None  # the chain being output
+        self._next_output: np.ndarray | None = None  # the chain started ``lead`` frames before the next anchor
+        self._last_t: int | None = None
         self._last_was_cut = False
 
     @property
@@ -131,14 +147,20 @@ class TemporalFuser:
 
     @property
     def state(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(previous source, previous output), or None when the next frame starts fresh."""
+        """(previous source, previous output), or None when the next frame starts fresh.
+
+        With anchors this is the whole state only where ``anchors.exact_from_output`` says so.
+        """
         if self._prev_source is None or self._prev_output is None:
             return None
         return self._prev_source, self._prev_output
 
-    def reset(self, prev_source: np.ndarray | None = None, prev_output: np.ndarray | None = None) -> None:
-        """Drop the state (both None) or continue from ``(prev_source, prev_output)``."""
+    def reset(self, prev_source: np.ndarray | None = None, prev_output: np.ndarray | None = None,
+              prev_t: int | None = None) -> None:
+        """Drop the state (both None) or continue from ``(prev_source, prev_output)`` of frame ``prev_t``."""
         self._last_was_cut = False
+        self._next_output = None
+        self._last_t = None
         if prev_source is None and prev_output is None:
             self._prev_source = self._prev_gray = self._prev_output = None
             return
@@ -150,17 +172,26 @@ class TemporalFuser:
             raise MpistyleError(
                 f"saved output frame is {prev_output.shape[1]}x{prev_output.shape[0]} but the video is "
                 f"{prev_source.shape[1]}x{prev_source.shape[0]}")
+        if self.anchors is not None:
+            if prev_t is None:
+                raise ValueError("a fuser with anchors needs prev_t to continue from a stored output")
+            if not self.anchors.exact_from_output(prev_t + 1):
+                raise ValueError(f"the output of frame {prev_t} is not the whole fusion state (anchor or lead "
+                                 "window next): warm up from the chain start instead")
         # Private copies: the caller may reuse its buffers.
         self._prev_source = np.array(prev_source, copy=True)
         self._prev_output = np.array(prev_output, copy=True)
         self._prev_gray = None
+        self._last_t = prev_t
 
-    def step(self, source: np.ndarray, stylized: np.ndarray, pair: PairFlow | None = None) -> np.ndarray:
+    def step(self, source: np.ndarray, stylized: np.ndarray, pair: PairFlow | None = None,
+             t: int | None = None) -> np.ndarray:
         """Fuse one frame; return out_t (uint8) and make ``(source, out_t)`` the new state.
 
         ``pair`` may be precomputed with ``pair_flow(est, to_gray(prev_source), to_gray(source))``
         (e.g. in another thread); it is ignored when there is no state. When nothing is fused
-        (mode "none", first frame, scene cut) the returned array is ``stylized`` itself.
+        (mode "none", first frame, scene cut) the returned array is ``stylized`` itself. ``t``
+        (the frame index) is required with anchors, and frames must then come in order.
         """
         _check_frame("source", source)
         _check_frame("stylized", stylized)
@@ -169,13 +200,21 @@ class TemporalFuser:
         self._last_was_cut = False
         if self.settings.mode == "none":
             return stylized
+        if self.anchors is not None:
+            if t is None:
+                raise ValueError("a fuser with anchors needs the frame index t")
+            if self._last_t is not None and self._prev_output is not None and t != self._last_t + 1:
+                raise ValueError(f"frames must come in order: got {t} after {self._last_t}")
+        cold = self._prev_output is None
         out = stylized
         gray = None
-        if self._prev_output is not None:
+        if not cold:
+            assert self._prev_output is not None
             if self._prev_output.shape != source.shape:
                 raise MpistyleError(f"frame size changed from {self._prev_output.shape} to {source.shape}")
             if pair is None:
                 if self._prev_gray is None:
+                    assert self._prev_source is not None
                     self._prev_gray = to_gray(self._prev_source)
                 gray = to_gray(source)
                 pair = pair_flow(self.estimator, self._prev_gray, gray)
@@ -184,10 +223,25 @@ class TemporalFuser:
             if pair.confidence < self.settings.scene_cut:
                 logger.debug("scene cut: flow confidence %.3f < %.3f", pair.confidence, self.settings.scene_cut)
                 self._last_was_cut = True
+                self._next_output = None  # both chains restart: they are the same from here
             else:
                 out = fuse(stylized, warp(self._prev_output, pair.flow_back), pair.mask, self.settings.strength)
+                if self._next_output is not None:  # same flow, same rule: the young chain converges to the old
+                    self._next_output = fuse(stylized, warp(self._next_output, pair.flow_back), pair.mask,
+                                             self.settings.strength)
+        if self.anchors is not None and t is not None:
+            # A chain starting at t (not the one this cold fuser starts anyway) begins from the stylization.
+            if self.anchors.starts_chain(t) and not cold:
+                self._next_output = stylized
+            if self.anchors.is_anchor(t) and self._next_output is not None:
+                out = self._next_output  # the output switches to the chain started lead frames ago
+            if self.anchors.is_anchor(t):
+                self._next_output = None
+            self._last_t = t
         self._prev_source = np.array(source, copy=True)
         self._prev_output = np.array(out, copy=True)
+        if self._next_output is not None and self._next_output is stylized:
+            self._next_output = np.array(stylized, copy=True)
         self._prev_gray = gray  # None -> recomputed from _prev_source when needed
         return out
 

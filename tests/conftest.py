@@ -73,3 +73,20 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """A real single-node SLURM (bin/slurm-up) for the session's sbatch tests; stopped at the end."""
+    from .slurm_cluster import Cluster, missing_slurm_commands
+
+    missing = missing_slurm_commands()
+    if missing:
+        pytest.fail(f"SLURM is not installed here (missing: {', '.join(missing)}): run `bin/slurm-up` as root "
+                    "once (it installs slurmctld, slurmd, slurm-client and munge with apt-get)")
+    c = Cluster(tmp_path_factory.mktemp("slurm"))
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -59,8 +60,9 @@ class Cluster:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self, timeout: float = 300) -> None:
+        # OMP_NUM_THREADS=1, as HPC shells often export it: the node must still get the hardware's CPUs.
         proc = subprocess.run([str(SLURM_UP), str(self.state_dir)], capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if proc.returncode != 0:
             raise ClusterError(f"bin/slurm-up failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
         match = re.search(r"^export SLURM_CONF=(\S+)$", proc.stdout, re.M)
@@ -91,7 +93,7 @@ class Cluster:
         out = self.run("scontrol", "-o", "show", "job", job_id)
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
-    def wait(self, job_id: str, states: set[str] = FINAL_STATES, timeout: float = 180,
+    def wait(self, job_id: str, states: set[str] = FINAL_STATES, timeout: float = 600,
              log: Path | None = None) -> dict[str, str]:
         """Poll until the job reaches one of ``states``; a bounded wait with the log in the message."""
         deadline = time.monotonic() + timeout
@@ -105,7 +107,20 @@ class Cluster:
         raise ClusterError(f"job {job_id} not in {sorted(states)} after {timeout:.0f} s "
                            f"(state {info.get('JobState')}, reason {info.get('Reason')}); log:\n{text}")
 
-    def wait_for_frames(self, job_id: str, buffer: Path, at_least: int = 1, timeout: float = 120) -> int:
+    def wait_until(self, job_id: str, check: Callable[[], bool], what: str, timeout: float = 600,
+                   log: Path | None = None) -> None:
+        """Poll ``check`` (a state the job reports: a log line, the buffer) while the job is alive."""
+        deadline = time.monotonic() + timeout
+        while not check():
+            state = self.job(job_id).get("JobState")
+            text = log.read_text(errors="replace")[-3000:] if log and log.exists() else "(no log)"
+            if state in FINAL_STATES:
+                raise ClusterError(f"job {job_id} ended ({state}) before {what}; log:\n{text}")
+            if time.monotonic() > deadline:
+                raise ClusterError(f"no {what} in job {job_id} after {timeout:.0f} s; log:\n{text}")
+            time.sleep(0.2)
+
+    def wait_for_frames(self, job_id: str, buffer: Path, at_least: int = 1, timeout: float = 600) -> int:
         """Poll the job's HDF5 buffer until ``done`` has ``at_least`` frames; returns the count."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mpistyle.errors import MpistyleError
-from mpistyle.metrics import _fit, add_arguments, evaluate, format_table, main, psnr, warping_errors
+from mpistyle.metrics import _fit, add_arguments, evaluate, format_table, main, psnr, seam_report, warping_errors
 from mpistyle.video import iter_frames, read_all
 
 from .conftest import BBB, CARPHONE, DATA
@@ -125,3 +125,16 @@ def test_main_cli(tmp_path, capsys):
     for bad in (["--partitions", "0"], ["--boundaries", "a,b"], ["--boundaries", "3", "--partitions", "2"]):
         with pytest.raises(SystemExit):
             parser.parse_args([str(BBB), str(BBB), *bad])
+
+
+def test_seam_report_finds_the_lowest_frame_and_counts_identical_ones():
+    rng = np.random.default_rng(0)
+    ref = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(5)]
+    other = [f.copy() for f in ref]
+    other[3][0, 0, 0] ^= 1  # one grey level in one pixel: 66.2 dB
+    other[1][:4] = 0
+    rep = seam_report(iter(ref), iter(other))
+    assert rep["lowest_at"] == 1 and rep["identical_frames"] == 3 and rep["frames"] == 5
+    assert math.isinf(seam_report(ref, ref)["lowest_psnr"])
+    with pytest.raises(MpistyleError, match="differ in length"):
+        seam_report(ref, other[:4])

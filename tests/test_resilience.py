@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -21,10 +22,28 @@ from .conftest import BBB, ROOT, SAMPLE, tool
 BUFFER_SUFFIX = ".mpistyle.h5"
 
 
-def _start(args: list[str], ranks: int, env: dict | None = None) -> subprocess.Popen:
+def _start(args: list[str], ranks: int, env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+    """mpiexec -n RANKS mpistyle ARGS; stderr to ``log`` when given (readable while it runs), else a pipe."""
     cmd = [tool("mpiexec"), "-n", str(ranks), tool("mpistyle"), *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    err = open(log, "w") if log is not None else subprocess.PIPE  # noqa: SIM115 - the child holds it
+    try:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=str(ROOT),
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    finally:
+        if log is not None:
+            err.close()
+
+
+PAUSE = {"MPISTYLE_PAUSE_AT": "compute"}  # each rank holds after its first frame until a stop signal
+
+
+def _wait_until_paused(log: Path, proc: subprocess.Popen, ranks: int, timeout: float = 300) -> None:
+    """Both ranks report the pause: the run cannot finish before the test acts, however fast it is."""
+    deadline = time.monotonic() + timeout
+    while len(set(re.findall(r"rank (\d+): paused at compute ", log.read_text(errors="replace")))) < ranks:
+        assert proc.poll() is None, f"ended before pausing: {log.read_text(errors='replace')}"
+        assert time.monotonic() < deadline, "no pause"
+        time.sleep(0.2)
 
 
 def _done_count(buffer: Path) -> int:
@@ -64,12 +83,13 @@ def test_signal_stops_cleanly_and_rerun_resumes_identically(tmp_path, uninterrup
     out = tmp_path / "out.mp4"
     buffer = Path(str(out) + BUFFER_SUFFIX)
     args = ["stylize", str(SAMPLE), "-o", str(out), *model_args, "--keep-buffer", "--no-progress"]
-    proc = _start(args, 2)
-    _wait_for_frames(buffer, proc, 6)
-    sent = time.monotonic()
+    log = tmp_path / "stopped.log"
+    proc = _start(args, 2, env=PAUSE, log=log)
+    _wait_until_paused(log, proc, 2)
+    _wait_for_frames(buffer, proc, 1)
     proc.send_signal(sig)  # mpiexec forwards it to every rank
-    _, err = proc.communicate(timeout=60)
-    assert time.monotonic() - sent < 30, "ranks did not stop within seconds"
+    proc.communicate(timeout=120)
+    err = log.read_text()
     assert proc.returncode == 75, err
     assert "interrupted" in err and "rerun the same command to resume" in err and "Traceback" not in err
     assert not out.exists()
@@ -91,14 +111,16 @@ def test_resume_with_a_different_number_of_ranks(tmp_path, uninterrupted, model_
     out = tmp_path / "out.mp4"
     buffer = Path(str(out) + BUFFER_SUFFIX)
     args = ["stylize", str(SAMPLE), "-o", str(out), *model_args, "--keep-buffer", "--no-progress"]
-    proc = _start(args, 2)
-    _wait_for_frames(buffer, proc, 10)
+    log = tmp_path / "killed.log"
+    proc = _start(args, 2, env=PAUSE, log=log)
+    _wait_until_paused(log, proc, 2)
+    _wait_for_frames(buffer, proc, 1)
     proc.kill()  # SIGKILL to mpiexec: no chance to clean up at all
     proc.communicate(timeout=60)
     subprocess.run(["pkill", "-9", "-f", str(out)], check=False)  # ranks orphaned by the killed launcher
     time.sleep(0.5)
     done_before = _done_count(buffer)
-    assert done_before >= 10
+    assert 1 <= done_before < 75
     proc = _start(args, 3)
     _, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err

@@ -29,12 +29,13 @@ from .conftest import BBB, CARPHONE, run_mpistyle
 
 
 def test_segments_are_used_for_h264_outputs_on_several_ranks() -> None:
-    assert uses_segments("out.mp4", 2, "auto")
-    assert not uses_segments("out.mp4", 1, "auto")
+    assert uses_segments("out.mp4", 2, "auto", "cuda")
+    assert not uses_segments("out.mp4", 1, "auto", "cuda")
+    assert not uses_segments("out.mp4", 8, "auto", "cpu")  # CPU ranks: one encoder, byte-identical to 1 rank
     assert uses_segments("out.mkv", 1, "segments")
     assert not uses_segments("out.mp4", 8, "rank0")
-    assert not uses_segments("frames/%04d.png", 8, "auto")  # image sequences: rank 0 writes them
-    assert not uses_segments("out.webm", 8, "auto")  # VP9: no H.264 segments
+    assert not uses_segments("frames/%04d.png", 8, "auto", "cuda")  # image sequences: rank 0 writes them
+    assert not uses_segments("out.webm", 8, "auto", "cuda")  # VP9: no H.264 segments
     with pytest.raises(MpistyleError, match="H.264 container"):
         uses_segments("out.webm", 2, "segments")
     with pytest.raises(MpistyleError, match="unknown encode mode"):
@@ -141,11 +142,13 @@ def test_segment_encode_keeps_frames_fps_and_audio(tmp_path: Path, model_args, r
 
 def test_rerun_on_a_complete_buffer_encodes_everything_on_rank0(tmp_path: Path, model_args) -> None:
     out = tmp_path / "out.mp4"
-    run_mpistyle(["stylize", str(BBB), "-o", str(out), *model_args, "--keep-buffer"], ranks=2, check=True)
+    run_mpistyle(["stylize", str(BBB), "-o", str(out), *model_args, "--keep-buffer", "--encode", "segments"],
+                 ranks=2, check=True)
     stylized = _buffer_frames(Path(str(out) + ".mpistyle.h5"))
     out.unlink()
     # every frame is done: nothing is computed, rank 0 encodes the whole buffer as "holes" and joins
-    proc = run_mpistyle(["stylize", str(BBB), "-o", str(out), *model_args], ranks=2, check=True)
+    proc = run_mpistyle(["stylize", str(BBB), "-o", str(out), *model_args, "--encode", "segments"], ranks=2,
+                        check=True)
     assert "0 frames encoded by the ranks, 24 by rank 0" in proc.stderr
     info = probe(str(out))
     assert info.n_frames == 24 and info.has_audio

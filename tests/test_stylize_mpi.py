@@ -73,18 +73,18 @@ def test_report_accounts_for_halo_and_partitions(bbb_runs) -> None:
     assert report["boundaries"] == boundaries(24, 3) == [8, 16]
     assert sum(r["frames"] for r in report["per_rank"]) == 24
     assert [r["counts"].get("network_frames", 0) for r in report["per_rank"]] == [8, 8, 8]  # halos are not re-stylized
-    assert report["halo_fusion_steps"] == 8 + 10
+    assert report["halo_fusion_steps"] == 8 + 16  # warm-ups reach back to the chain start (frame 0 here)
     assert report["outcome"] == "done"
 
 
-def test_halo_zero_leaves_a_seam_that_the_halo_removes(tmp_path, bbb_runs, model_args) -> None:
-    """Without the halo, partition 2 restarts the style: frames differ from the 1-rank run."""
+def test_halo_zero_still_leaves_no_seam(tmp_path, bbb_runs, model_args) -> None:
+    """--halo 0 only drops the anchors' lead: chains restart at anchors, never at partitions."""
     out = tmp_path / "nohalo.mp4"
     run_mpistyle(["stylize", str(BBB), "-o", str(out), *model_args, "--halo", "0", "--keep-buffer"], ranks=2,
                  check=True)
     reference = _frames(bbb_runs[0]["buffer"])
     frames = _frames(Path(str(out) + ".mpistyle.h5"))
-    assert psnr(reference[12], frames[12]) < 40.0 <= min(psnr(reference[i], frames[i]) for i in range(12))
+    assert np.array_equal(reference, frames)
 
 
 def test_temporal_mode_lowers_warping_error(tmp_path, bbb_runs, model_args) -> None:
@@ -128,14 +128,15 @@ def test_dynamic_schedule_hands_out_chunks_without_seams(tmp_path, bbb_runs, mod
     run_mpistyle(["stylize", str(BBB), "-o", str(out), *model_args, "--schedule", "dynamic", "--chunks", "6",
                   "--keep-buffer", "--report", str(report)], ranks=3, check=True)
     data = json.loads(report.read_text())
-    assert data["parts"] == 6 and data["boundaries"] == [4, 8, 12, 16, 20]
+    # chunks start at fusion anchors (every 64 frames): a 24-frame clip is one non-empty chunk
+    assert data["parts"] == 6 and data["boundaries"] == []
     ranks = data["per_rank"]
-    assert sum(r["counts"].get("chunks", 0) for r in ranks) == 6
+    assert sum(r["counts"].get("chunks", 0) for r in ranks) == 1  # empty chunks are not handed out
     assert sum(r["frames"] for r in ranks) == 24
     # the halo cost is accounted: every network pass beyond the 24 frames is a halo frame
     extra = sum(r["counts"].get("halo_network_frames", 0) for r in ranks)
-    assert sum(r["counts"]["network_frames"] for r in ranks) == 24 + extra > 24
+    assert sum(r["counts"].get("network_frames", 0) for r in ranks) == 24 + extra
     reference = _frames(bbb_runs[0]["buffer"])
     frames = _frames(Path(str(out) + ".mpistyle.h5"))
-    assert min(psnr(a, b) for a, b in zip(reference, frames, strict=True)) >= 40.0
+    assert np.array_equal(reference, frames)
     assert probe(str(out)).n_frames == 24

@@ -84,7 +84,7 @@ class ReportingThread(threading.Thread):
         try:
             self._run()
         except Exception as exc:  # noqa: BLE001 - reported to the main thread
-            self.msgr.fail(describe(exc))
+            self.msgr.fail(describe(exc), getattr(exc, "exit_code", 1))  # bad input (e.g. a damaged frame): 2
 
     def _run(self) -> None:
         raise NotImplementedError

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 
-from ..errors import MpistyleError
 from ..temporal import TemporalSettings
-
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".m4v")
 
 
 @dataclass
@@ -30,7 +27,7 @@ class StylizeOptions:
     scale: float | None = None
     device: str = "auto"
     precision: str = "auto"
-    batch: int = 0  # 0: 1 on CPU, 4 on CUDA
+    batch: int = 0  # 0: auto (models.resolve_batch: from free GPU memory; 1 on CPU)
     buffer: str | None = None
     restart: bool = False
     keep_buffer: bool = False
@@ -40,6 +37,8 @@ class StylizeOptions:
     schedule: str = "static"  # static: one contiguous partition per rank; dynamic: chunks on demand
     chunks: int = 0  # dynamic: number of contiguous chunks (0: 4 per rank)
     crf: int = 18
+    encode: str = "auto"  # auto | rank0 | segments (see segments.py)
+    fps: Fraction | None = None  # rate of an image-sequence input (--fps; default 25)
     report: str | None = None
     progress: bool = True
 
@@ -79,23 +78,20 @@ def file_fingerprint(path: str, block: int = 1 << 20) -> str:
 
 
 def default_buffer_path(output: str) -> str:
-    return output + ".mpistyle.h5"
+    from ..sequence import buffer_path_for
+
+    return buffer_path_for(output) or output + ".mpistyle.h5"
+
+
+def input_fingerprint(path: str) -> str:
+    """``file_fingerprint`` of a video; names, sizes and end frames of an image sequence."""
+    from ..sequence import fingerprint, is_sequence_input
+
+    return fingerprint(path) if is_sequence_input(path) else file_fingerprint(path)
 
 
 def validate_output(input_path: str, output: str) -> None:
-    if not output:
-        raise MpistyleError("no output path given (-o OUTPUT)")
-    if os.path.isdir(output):
-        raise MpistyleError(f"output path is a directory: {output}")
-    if not output.lower().endswith(VIDEO_EXTENSIONS):
-        raise MpistyleError(f"output must end in one of {', '.join(VIDEO_EXTENSIONS)}: {output}")
-    if os.path.exists(output) and os.path.exists(input_path) and os.path.samefile(input_path, output):
-        raise MpistyleError(f"output is the same file as the input: {output}")
-    directory = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(directory):
-        raise MpistyleError(f"output directory does not exist: {directory}")
-    try:  # really try: access() says yes to root on read-only mounts
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".mpistyle-probe-"):
-            pass
-    except OSError as exc:
-        raise MpistyleError(f"cannot write to the output directory {directory}: {exc.strerror}") from None
+    """Video (.mp4/.m4v/.mov/.mkv/.webm) or PNG sequence output that can be written (``video.check_output``)."""
+    from ..video import check_output
+
+    check_output(input_path, output)

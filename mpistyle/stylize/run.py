@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from fractions import Fraction
 from typing import Any
 
 from ..mpi import StopFlag, configure_threads, local_rank_and_size, pause_point, select_device, threads_per_rank
@@ -13,8 +14,9 @@ from .comm import Messenger, Stopped, describe
 from .gather import Sink
 from .options import Setup, StylizeOptions, chunk_list
 from .scatter import Decoder, Receiver, Scheduler, SourceSpool
+from .segments import SegmentWriter, reset_segment_dir, segment_dir, uses_segments
 from .setup import Validated, collective, distribute_state_frames, open_buffer_on_root, validate_on_root
-from .shutdown import Watchdog, shutdown
+from .shutdown import shutdown
 from .worker import RankWorker
 
 logger = logging.getLogger(__name__)
@@ -34,7 +36,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     stop.install_signal_handlers()  # takes over a signal that came during start-up: the run stops at once
     msgr = Messenger(comm, stop)
     if rank == 0:
-        logger.info("phase: setup")
+        logger.debug("phase: setup")  # debug: a setup error must stay the only line a failed run prints
     pause_point("setup", stop)
     t_start = time.perf_counter()
 
@@ -52,18 +54,31 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
         device = select_device(opts.device, local_rank)
         model = load_model(checked.model_path, device)
         dtype = resolve_precision(opts.precision, torch.device(device))
-        return Stylizer(model, device=torch.device(device), precision=opts.precision), device, dtype
+        stylizer = Stylizer(model, device=torch.device(device), precision=opts.precision)
+        # --batch auto: from the device's free memory, shared by the ranks bound to the same GPU
+        sharing = -(-local_size // max(1, torch.cuda.device_count())) if device.startswith("cuda") else 1
+        batch = stylizer.resolve_batch(opts.batch or "auto", checked.height, checked.width, ranks_per_device=sharing)
+        return stylizer, device, dtype, batch
 
-    stylizer, device, dtype = collective(comm, load, root_only=False)
+    stylizer, device, dtype, batch = collective(comm, load, root_only=False)
     precision_name = str(dtype).replace("torch.", "") if dtype is not None else "float32"
     device_type = device.split(":")[0]
-    setup: Setup = collective(comm, lambda: open_buffer_on_root(opts, checked, precision_name, device_type))
+    segmented = uses_segments(opts.output, size, opts.encode, device_type)  # validated on rank 0 above
+
+    def open_on_root() -> Setup:
+        opened = open_buffer_on_root(opts, checked, precision_name, device_type)
+        if segmented:  # before any rank can write a segment
+            reset_segment_dir(segment_dir(opts.output))
+        return opened
+
+    setup: Setup = collective(comm, open_on_root)
     t_work = time.perf_counter()  # all ranks leave the setup collective together: a shared time origin
-    batch = opts.batch or (4 if device_type == "cuda" else 1)
     temporal_on = opts.temporal.mode != "none"
     dynamic = opts.schedule == "dynamic"
     n_parts = (opts.chunks or 4 * size) if dynamic else size
-    plan = make_plan(setup.n_frames, n_parts, opts.halo, done=list(setup.done), temporal=temporal_on)
+    # Dynamic chunks start at anchors, so each warms up over the lead only (see partition.py).
+    plan = make_plan(setup.n_frames, n_parts, opts.halo, done=list(setup.done), temporal=temporal_on,
+                     align=dynamic)
     # Static: this rank's partition. Dynamic: chunks arrive one by one; start with nothing.
     rp = plan.ranks[rank] if not dynamic else RankPlan(rank=rank, bounds=(0, 0))
     logger.debug("rank %d/%d (local %d/%d): device %s, %d threads, partition %s, %d runs, %d to do",
@@ -83,20 +98,20 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
         state_frames = distribute_state_frames(comm, plan, setup, rp) if not dynamic else {}
         if rank == 0:
             from ..buffer import FrameBuffer
-            from ..video import VideoEncoder
+            from ..video import open_writer
 
             buffer = FrameBuffer.open(setup.buffer_path, setup.n_frames, setup.height, setup.width,
                                       setup.settings)
-            from fractions import Fraction
-
-            encoder = VideoEncoder(opts.output, setup.width, setup.height, Fraction(setup.fps_num, setup.fps_den),
-                                   audio_from=opts.input if setup.has_audio else None, crf=opts.crf,
-                                   preset="veryfast", threads=1)  # medium costs ~2x CPU on rank 0 for no gain here
+            if not segmented:  # one in-order encoder on rank 0; veryfast: medium costs ~2x CPU for no gain here
+                encoder = open_writer(opts.output, setup.width, setup.height, Fraction(setup.fps_num, setup.fps_den),
+                                      audio_from=opts.input if setup.has_audio else None, crf=opts.crf,
+                                      preset="veryfast", threads=1, n_frames=setup.n_frames,
+                                      first_number=checked.info.first_number)  # a video, or PNG frames
             sink = Sink(comm, buffer, encoder, setup, plan, msgr, opts.progress)
             if dynamic:
                 scheduler = sink.scheduler = Scheduler(plan, buffer)
             decoder = Decoder(comm, opts.input, (setup.width, setup.height), plan, opts.chunk, spool, msgr,
-                              scheduler=scheduler)
+                              scheduler=scheduler, info=checked.info)
             threads_started += [sink, decoder]
         else:
             receiver = Receiver(comm, chunk_list(rp.source_frames(), opts.chunk), spool, msgr, dynamic=dynamic,
@@ -106,8 +121,14 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
             th.start()
         if rank == 0:
             logger.info("phase: compute")
+        # Flow pool: on a GPU node the rank's cores are free for flow; on CPU ranks the network has them.
         worker = RankWorker(comm, rp, plan, setup, stylizer, opts.temporal, spool, msgr, sink, batch, state_frames,
-                            t0=t_work)
+                            t0=t_work, flow_workers=threads if device_type == "cuda" else 1)
+        if segmented:
+            worker.segments = SegmentWriter(segment_dir(opts.output), setup.width, setup.height,
+                                            Fraction(setup.fps_num, setup.fps_den), opts.crf,
+                                            threads=max(1, threads // 4) if device_type == "cuda" else 1)
+            worker.segments.start()
         if dynamic:
             worker.run_dynamic(scheduler, receiver)
         else:
@@ -117,12 +138,10 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     except Exception as exc:  # noqa: BLE001 - every failure goes through the same shutdown
         msgr.fail(describe(exc), getattr(exc, "exit_code", 1))
         outcome = "failed"
-    watchdog = Watchdog(comm, rank)
     try:
         report = shutdown(comm, msgr, worker, receiver, decoder, sink, buffer, encoder, setup, plan, opts,
                            threads, device, precision_name, (t_start, t_work))
     finally:
-        watchdog.cancel()
         spool.close()
     logger.debug("rank %d: work ended: %s", rank, outcome)
     return report

@@ -125,11 +125,13 @@ class Decoder(ReportingThread):
     """
 
     def __init__(self, comm: Any, input_path: str, size: tuple[int, int], plan: Plan, chunk: int,
-                 own_spool: SourceSpool, msgr: Messenger, scheduler: Scheduler | None = None) -> None:
+                 own_spool: SourceSpool, msgr: Messenger, scheduler: Scheduler | None = None,
+                 info: Any = None) -> None:
         super().__init__(name="mpistyle-decoder", daemon=True)
         self.comm, self.input_path, self.size, self.msgr = comm, input_path, size, msgr
+        self.info = info  # the setup's video.VideoInfo: exact count, VFR frame map, sequence (no second probe)
         self.own_spool = own_spool
-        self.scheduler, self.chunk, self.keep = scheduler, chunk, plan.halo + 2
+        self.scheduler, self.chunk, self.keep = scheduler, chunk, max(plan.halo, plan.max_warmup) + 2
         if scheduler is not None:
             plan = Plan(plan.n_frames, plan.n_ranks, plan.halo, [])  # destinations come from the scheduler
         self.needs: dict[int, list[int]] = defaultdict(list)
@@ -150,7 +152,7 @@ class Decoder(ReportingThread):
         scheduler = self.scheduler
         assert scheduler is not None
         w, h = self.size
-        frames = iter_frames(self.input_path, size=self.size)
+        frames = iter_frames(self.input_path, size=self.size, info=self.info)
         recent: dict[int, np.ndarray] = {}
         decoded = -1
         reqs: list[tuple[Any, np.ndarray]] = []
@@ -207,7 +209,7 @@ class Decoder(ReportingThread):
         fbytes = w * h * 3
         # per destination: which chunk we fill, how full it is, two buffers and their send requests
         state = {r: {"ci": 0, "fill": 0, "bufs": [None, None], "reqs": [None, None]} for r in self.chunks}
-        frames = iter_frames(self.input_path, size=self.size)
+        frames = iter_frames(self.input_path, size=self.size, info=self.info)
         t = -1
         start = time.perf_counter()
         try:

@@ -13,8 +13,9 @@ holds (frames done before a resume, or a rank whose encoder failed) is encoded b
 buffer into a segment of its own. The folder is cleared when a run starts and removed after the
 output is written.
 
-Used for H.264 outputs (.mp4/.m4v/.mov/.mkv) on more than one rank (``--encode auto``), or always
-(``--encode segments``); ``--encode rank0`` keeps the single in-order encoder on rank 0.
+Used for H.264 outputs (.mp4/.m4v/.mov/.mkv) on more than one GPU rank (``--encode auto``, see
+:func:`uses_segments`), or always (``--encode segments``); ``--encode rank0`` keeps the single
+in-order encoder on rank 0.
 """
 
 from __future__ import annotations
@@ -46,8 +47,15 @@ def segment_dir(output: str) -> str:
     return os.path.join(directory, f".{name}.segments")
 
 
-def uses_segments(output: str, n_ranks: int, mode: str) -> bool:
-    """Whether this run encodes per-rank segments (pure)."""
+def uses_segments(output: str, n_ranks: int, mode: str, device_type: str = "cpu") -> bool:
+    """Whether this run encodes per-rank segments (pure).
+
+    ``auto`` picks segments only for several GPU ranks, where one encoder on rank 0 would be the wall.
+    Elsewhere one in-order encoder is far from the limit (about 20 ms of rank 0's CPU per frame against
+    seconds of network per frame and rank) and keeps a promise segments cannot: the encoded N-rank
+    video is byte-identical to the 1-rank one. Each segment starts with a keyframe, so the partition
+    boundaries become keyframes, which x264 codes a little differently from the 1-rank run.
+    """
     if mode not in ENCODE_MODES:
         raise MpistyleError(f"unknown encode mode {mode!r} (choose from {', '.join(ENCODE_MODES)})")
     if not output.lower().endswith(SEGMENT_CONTAINERS):
@@ -55,7 +63,7 @@ def uses_segments(output: str, n_ranks: int, mode: str) -> bool:
             raise MpistyleError(f"--encode segments needs an H.264 container output "
                                 f"({', '.join(SEGMENT_CONTAINERS)}): {output}")
         return False
-    return mode == "segments" or (mode == "auto" and n_ranks > 1)
+    return mode == "segments" or (mode == "auto" and n_ranks > 1 and device_type == "cuda")
 
 
 def reset_segment_dir(path: str) -> None:

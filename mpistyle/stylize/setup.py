@@ -15,7 +15,8 @@ from ..errors import MpistyleError
 from ..mpi import poll_until
 from ..partition import Plan, RankPlan
 from .comm import TAG_STATE, describe
-from .options import Setup, StylizeOptions, default_buffer_path, file_fingerprint, validate_output
+from .options import Setup, StylizeOptions, default_buffer_path, file_fingerprint, input_fingerprint, validate_output
+from .segments import uses_segments
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,12 @@ def validate_on_root(opts: StylizeOptions) -> Validated:
     from ..models import resolve_model
     from ..video import output_size, probe
 
-    info = probe(opts.input)
+    info = probe(opts.input, fps=opts.fps)
+    if opts.fps is not None and not info.is_sequence:
+        raise MpistyleError(f"--fps sets the rate of an image sequence input; {opts.input} is a video and keeps "
+                            f"its own rate ({info.fps} fps)")
     validate_output(opts.input, opts.output)
+    uses_segments(opts.output, 1, opts.encode)  # a bad --encode for this output fails here, once
     width, height = output_size(info, width=opts.width, height=opts.height, scale=opts.scale)
     return Validated(info=info, width=width, height=height, model_path=resolve_model(opts.model))
 
@@ -76,7 +81,7 @@ def open_buffer_on_root(opts: StylizeOptions, checked: Validated, precision_name
         raise MpistyleError(f"buffer path must differ from input and output: {buffer_path}")
     t = opts.temporal
     settings = {
-        "input": file_fingerprint(opts.input),
+        "input": input_fingerprint(opts.input),
         "model": file_fingerprint(model_path),
         "temporal": t.mode,
         "strength": t.strength if t.mode != "none" else None,

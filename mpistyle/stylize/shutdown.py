@@ -10,20 +10,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
 from dataclasses import asdict
+from fractions import Fraction
 from typing import Any
 
 from .. import __version__
 from ..errors import Interrupted, MpistyleError
 from ..mpi import StopFlag, pause_point, poll_until
-from ..partition import Plan, boundaries
+from ..partition import Plan
 from .comm import TAG_FIN, TAG_GIVE, Messenger
 from .gather import Sink
 from .options import Setup, StylizeOptions
 from .scatter import Decoder, Receiver
+from .segments import join_output, segment_dir, uses_segments
 from .worker import RankWorker
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,8 @@ def shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, receiver: Re
     if msgr.stop:
         msgr.broadcast_stop()
     if worker is not None:
+        if worker.segments is not None:  # its last segment is complete before rank 0 may join them
+            worker.segments.close(abort=bool(msgr.stop))
         worker.finish_sends()
         if worker.awaiting_chunk:  # collect rank 0's answer so its send completes
             if poll_until(lambda: comm.iprobe(source=0, tag=TAG_GIVE), timeout=60):
@@ -75,28 +80,38 @@ def shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, receiver: Re
     # Everyone is here only after their sends completed: meet, then cancel what can't match.
     barrier = comm.Ibarrier()
     poll_until(barrier.Test)
-    msgr.poll_stop_messages()
-    if receiver is not None:
-        receiver.cancel.set()
-        receiver.join()
-    if worker is not None:
-        worker.cancel_unmatched()
-    msgr.finish_stop_messages()
+    # Only now a stall means a vanished peer: before the barrier a rank may rightly wait for slower
+    # ranks still at work, and after the gather only rank 0 works (encoding) while the others wait.
+    watchdog = Watchdog(comm, rank)
+    try:
+        msgr.poll_stop_messages()
+        if receiver is not None:
+            receiver.cancel.set()
+            receiver.join()
+        if worker is not None:
+            worker.cancel_unmatched()
+        msgr.finish_stop_messages()
 
-    times = dict(worker.times) if worker is not None else {}
-    counts = dict(worker.counts) if worker is not None else {}
-    if decoder is not None:
-        times["decode"] = decoder.decode_s
-    if sink is not None:
-        times["write"] = sink.write_s
-        times["encode"] = sink.encode_s
-    failure = msgr.error[0] if msgr.error else ""
-    code = msgr.error[1] if msgr.error else 0
-    events = worker.events if worker is not None else []
-    per_rank = comm.gather({"rank": rank, "times": times, "counts": counts, "events": events, "failure": failure,
-                            "code": code, "peer_failure": msgr.peer_failure, "stopped": bool(msgr.stop),
-                            "reason": msgr.stop.reason, "signal": msgr.stop.signal_name,
-                            "frames": worker.emitted if worker is not None else 0}, root=0)
+        times = dict(worker.times) if worker is not None else {}
+        counts = dict(worker.counts) if worker is not None else {}
+        if decoder is not None:
+            times["decode"] = decoder.decode_s
+        if worker is not None and worker.segments is not None:
+            times["segment_encode"] = worker.segments.encode_s
+            counts["segments"] = len(worker.segments.finished)
+            counts["segment_failures"] = worker.segments.failures
+        if sink is not None:
+            times["write"] = sink.write_s
+            times["encode"] = sink.encode_s
+        failure = msgr.error[0] if msgr.error else ""
+        code = msgr.error[1] if msgr.error else 0
+        events = worker.events if worker is not None else []
+        per_rank = comm.gather({"rank": rank, "times": times, "counts": counts, "events": events, "failure": failure,
+                                "code": code, "peer_failure": msgr.peer_failure, "stopped": bool(msgr.stop),
+                                "reason": msgr.stop.reason, "signal": msgr.stop.signal_name,
+                                "frames": worker.emitted if worker is not None else 0}, root=0)
+    finally:
+        watchdog.cancel()
     verdict = None
     report: dict[str, Any] = {}
     if rank == 0:
@@ -129,6 +144,18 @@ def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, s
             first = failures[0]
             verdict = ("failed", f"rank {first['rank']}: {first['failure']}" if size > 1 else first["failure"],
                        first["code"] or 1)
+        elif complete and uses_segments(opts.output, size, opts.encode, device.split(":")[0]):
+            logger.info("phase: encode (joining the ranks' segments)")
+            pause_point("encode", stop)  # test hook (MPISTYLE_PAUSE_AT)
+            join_start = time.perf_counter()
+            joined = join_output(segment_dir(opts.output), opts.output, setup.n_frames, setup.width, setup.height,
+                                 Fraction(setup.fps_num, setup.fps_den), buffer.read,
+                                 audio_from=opts.input if setup.has_audio else None, crf=opts.crf, threads=threads)
+            # rank 0's serial tail in segments mode: the bench's scaling model needs it per frame
+            per_rank[0]["times"]["join"] = time.perf_counter() - join_start
+            logger.info("joined %d segments (%d frames encoded by the ranks, %d by rank 0 from the buffer)",
+                        joined["segments"], joined["frames_from_ranks"], joined["frames_encoded_on_rank0"])
+            verdict = ("done", "", 0)
         elif complete and sink is not None and sink.encoder is not None:
             if sink.encoded < setup.n_frames:
                 sink._commit()  # frames done before this run (resume) still need encoding
@@ -167,6 +194,8 @@ def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, s
             encoder.abort()
         if buffer is not None:
             buffer.close()
+        if verdict[0] != "done":  # segments never outlive their run (the next one starts a fresh folder)
+            shutil.rmtree(segment_dir(opts.output), ignore_errors=True)
     t_start, t_work = clock
     elapsed = time.perf_counter() - t_start
     setup_s = t_work - t_start
@@ -185,7 +214,7 @@ def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, s
         "temporal": asdict(opts.temporal),
         "halo": plan.halo,
         "halo_fusion_steps": plan.halo_cost(),
-        "boundaries": boundaries(setup.n_frames, plan.n_ranks),
+        "boundaries": plan.boundaries(),
         "schedule": opts.schedule,
         "parts": plan.n_ranks,
         "wall_s": elapsed,

@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 import queue
 import time
-from collections import defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import defaultdict, deque
 from typing import Any
 
 import numpy as np
@@ -32,8 +31,8 @@ class RankWorker:
 
     def __init__(self, comm: Any, rp: RankPlan, plan: Plan, setup: Setup, stylizer: Any,
                  temporal: TemporalSettings, spool: SourceSpool, msgr: Messenger, sink: Sink | None,
-                 batch: int, state_frames: dict[int, np.ndarray], t0: float) -> None:
-        from ..flow import FlowEstimator
+                 batch: int, state_frames: dict[int, np.ndarray], t0: float, flow_workers: int = 1) -> None:
+        from ..flowpool import FlowPool
         from ..temporal import TemporalFuser
 
         self.comm, self.rp, self.plan, self.setup, self.stylizer = comm, rp, plan, setup, stylizer
@@ -41,14 +40,17 @@ class RankWorker:
         self.state_frames = state_frames
         self.shape = (setup.height, setup.width, 3)
         self.fbytes = int(np.prod(self.shape))
-        self.fuser = TemporalFuser(temporal)
+        self.fuser = TemporalFuser(temporal, anchors=plan.anchors)  # anchored chains: N ranks == 1 rank, bit for bit
         self.flow_mode = temporal.mode != "none"
-        self.flow_est = FlowEstimator(temporal.flow_method, temporal.flow_preset) if self.flow_mode else None
-        self.flow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpistyle-flow")
+        # Flows depend on source frames only, so a pool computes them ahead of the fusion, in parallel.
+        self.flows = FlowPool(workers=flow_workers, lookahead=max(batch + 1, 2 * flow_workers),
+                              method=temporal.flow_method, preset=temporal.flow_preset,
+                              on_pair=lambda start: self._record("flow", start)) if self.flow_mode else None
         self.cache: dict[int, np.ndarray] = {}  # raw network outputs of exported frames
         self.local_halo = False
         self.awaiting_chunk = False
         self.emitted = 0
+        self.segments: Any = None  # this rank's SegmentWriter when the output is encoded in segments
         self.pending: list[tuple[Any, np.ndarray]] = []  # in-flight sends and their buffers
         self.sent = 0
         self.times: dict[str, float] = defaultdict(float)
@@ -113,24 +115,33 @@ class RankWorker:
         self.fuser.reset()
         if run.state_frame is not None:
             self.fuser.reset(prev_source=self._source(run.state_frame),
-                             prev_output=self.state_frames[run.state_frame])
-        has_prev = run.state_frame is not None
-        # Queue the halo's flows first: the flow thread computes them while the network runs.
-        halo_pairs = {t: self._pair_future(t) for t in run.halo_frames
-                      if self.flow_mode and (has_prev or t != run.warm_start)}
-        if self.local_halo:  # dynamic schedule: the halo's network outputs are computed here
-            halo = list(run.halo_frames)
-            raw = {}
+                             prev_output=self.state_frames[run.state_frame], prev_t=run.state_frame)
+        # Every frame of the run needs the flow from its predecessor, except a fresh first frame.
+        order = [*run.halo_frames, *range(run.start, run.stop)]
+        needs = order if run.state_frame is not None else order[1:]
+        flows = _RunFlows(self.flows, needs, self._source) if self.flows is not None else None
+        try:
+            self._process_run_frames(run, flows)
+        finally:
+            if flows is not None:
+                flows.close()
+
+    def _process_run_frames(self, run: Run, flows: _RunFlows | None) -> None:
+        # Dynamic schedule: the halo's network outputs are computed here; static: only those of
+        # warm-up frames already done (a resume), which no owner computes any more.
+        halo = list(run.halo_frames) if self.local_halo else list(run.local)
+        raw = {}
+        if halo:
             for i in range(0, len(halo), self.batch):
                 group = halo[i:i + self.batch]
                 raw.update(zip(group, self._network([self._source(t) for t in group]), strict=True))
                 self.counts["halo_network_frames"] += len(group)
-        else:
+        if not self.local_halo:
             self._stylize_ahead_while_halo_arrives(run)
         # Warm-up over the halo: raw network outputs come from their owners.
         for t in run.halo_frames:
-            pair = self._wait_pair(halo_pairs.get(t))
-            if self.local_halo:
+            pair = self._wait_pair(flows, t)
+            if t in raw:
                 buf = raw.pop(t)
             else:
                 start = time.perf_counter()
@@ -139,30 +150,26 @@ class RankWorker:
                 self._record("wait_halo", start)
             self._fuse(t, buf, pair)
             self.counts["halo_frames"] += 1
-            has_prev = True
         frames = list(range(run.start, run.stop))
         for i in range(0, len(frames), self.batch):
             group = frames[i:i + self.batch]
-            pairs: dict[int, Future | None] = {}
-            for t in group:  # flows run in a helper thread while the network runs
-                pairs[t] = self._pair_future(t) if (has_prev or t != group[0]) and self.flow_mode else None
             todo = [t for t in group if t not in self.cache]
             outs = dict(zip(todo, self._network([self._source(t) for t in todo]), strict=True)) if todo else {}
             for t in group:
                 stylized = self.cache.pop(t) if t in self.cache else outs[t]
-                pair = self._wait_pair(pairs[t])
+                pair = self._wait_pair(flows, t)
                 out = self._fuse(t, stylized, pair)
                 self._emit(t, out)
-                has_prev = True
             self._check_stop()
 
     def _stylize_ahead_while_halo_arrives(self, run: Run) -> None:
         """Don't idle while the previous rank stylizes our halo: run the network on our own next
         frames (fusion must wait for the halo; the network need not). Bounded by 2 x halo frames."""
-        reqs = [self.halo_reqs[t][0] for t in run.halo_frames]
+        reqs = [self.halo_reqs[t][0] for t in run.halo_frames if t in self.halo_reqs]
         if not reqs:
             return
-        ahead = [t for t in range(run.start, run.stop) if t not in self.cache][: 2 * len(reqs)]
+        # At most 20 frames ahead: warm-ups reach back to the chain start, up to every + lead - 1 frames.
+        ahead = [t for t in range(run.start, run.stop) if t not in self.cache][: 2 * min(len(reqs), 10)]
         for i in range(0, len(ahead), self.batch):
             if all(req.Test() for req in reqs):
                 return
@@ -192,31 +199,18 @@ class RankWorker:
         self.counts["network_frames"] += len(sources)
         return out
 
-    def _pair_future(self, t: int) -> Future:
-        from ..flow import pair_flow, to_gray
-
-        prev, cur = self._source(t - 1), self._source(t)
-
-        def job() -> Any:
-            start = time.perf_counter()
-            result = pair_flow(self.flow_est, to_gray(prev), to_gray(cur))
-            self._record("flow", start)
-            return result
-
-        return self.flow_pool.submit(job)
-
-    def _wait_pair(self, fut: Future | None) -> Any:
-        if fut is None:
+    def _wait_pair(self, flows: _RunFlows | None, t: int) -> Any:
+        if flows is None:
             return None
         start = time.perf_counter()
-        result = fut.result()
+        pair = flows.get(t)
         self._record("wait_flow", start, min_s=1e-3)
-        return result
+        return pair
 
     def _fuse(self, t: int, stylized: np.ndarray, pair: Any) -> np.ndarray:
         source = self._source(t)
         start = time.perf_counter()
-        out = self.fuser.step(source, stylized, pair=pair)
+        out = self.fuser.step(source, stylized, pair=pair, t=t)
         self._record("fuse", start)
         if self.fuser.last_was_cut:
             self.counts["scene_cuts"] += 1
@@ -226,6 +220,8 @@ class RankWorker:
         _inject_fault(self.comm.Get_rank(), t)
         self.emitted += 1
         start = time.perf_counter()
+        if self.segments is not None:
+            self.segments.put(t, out)
         if self.sink is not None:  # rank 0 hands frames to its own sink thread
             while True:
                 try:
@@ -269,7 +265,33 @@ class RankWorker:
             if not req.Test():
                 req.Cancel()
                 req.Wait()
-        self.flow_pool.shutdown(wait=True, cancel_futures=True)
+        if self.flows is not None:
+            self.flows.close()
+
+
+class _RunFlows:
+    """The pair flows one run needs, in frame order, kept ``lookahead`` pairs ahead in the pool."""
+
+    def __init__(self, pool: Any, needs: list[int], source: Any) -> None:
+        self.pool, self.needs, self.source = pool, set(needs), source
+        self.todo = deque(needs)
+        self.top_up()  # the pool starts on the warm-up's flows while the halo's network outputs arrive
+
+    def top_up(self) -> None:
+        while self.todo and self.pool.free > 0:
+            t = self.todo.popleft()
+            self.pool.submit(t, self.source(t - 1), self.source(t))
+
+    def get(self, t: int) -> Any:
+        if t not in self.needs:
+            return None
+        self.top_up()
+        pair = self.pool.get(t)
+        self.top_up()
+        return pair
+
+    def close(self) -> None:
+        self.pool.clear()
 
 
 def _inject_fault(rank: int, frame: int) -> None:
