@@ -101,8 +101,9 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--flow-preset", choices=("ultrafast", "fast", "medium"), default=None,
                    help="DIS preset (default fast)")
     g.add_argument("--halo", type=_nonneg_int, default=10,
-                   help="warm-up frames before each partition so ranks meet without a seam (default 10; 0 "
-                        "restarts the style at each partition)")
+                   help="lead: the fusion restarts every 64 frames at fixed frame indices, the new chain starting "
+                        "this many frames early so the switch is invisible; ranks warm up from the chain start, "
+                        "which makes N ranks bit-identical to 1 (default 10; 0 = a hard restart every 64 frames)")
     g = p.add_argument_group("size")
     g.add_argument("--width", type=_positive_int, help="output width (height follows the aspect unless given)")
     g.add_argument("--height", type=_positive_int, help="output height")
@@ -121,7 +122,7 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", choices=("static", "dynamic"), default="static",
                    help="static: one contiguous partition per rank, halos exchanged between neighbours "
                         "(default); dynamic: more contiguous chunks than ranks, handed out on demand (for nodes "
-                        "of unequal speed; each chunk re-stylizes its own halo frames)")
+                        "of unequal speed; chunks start at fusion anchors and re-stylize their --halo lead frames)")
     g.add_argument("--chunks", type=_positive_int, default=None,
                    help="number of chunks for --schedule dynamic (default 4 per rank)")
     g.add_argument("--scratch", default=None,

@@ -25,14 +25,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
 
 from mpistyle.video import probe
 
 from .conftest import BBB, ROOT, tool
-from .slurm_cluster import Cluster
+from .slurm_cluster import Cluster, done_frames
 
 BUFFER_SUFFIX = ".mpistyle.h5"
 N_FRAMES = 24  # tests/data/bbb_clip.mp4, with audio
@@ -40,14 +38,6 @@ WAIT_S = 600.0  # bound for every wait: the machine is shared and may be very sl
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def done_frames(buffer: Path) -> int:
-    try:
-        with h5py.File(buffer, "r", locking=False) as f:
-            return int(np.count_nonzero(f["done"][...]))
-    except (OSError, KeyError):
-        return 0
 
 
 def wait_for(what: str, check, alive=None, timeout: float = WAIT_S) -> None:
