@@ -45,7 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpistyle.errors import MpistyleError
-from mpistyle.flow import DIS_PRESETS, FLOW_METHODS, FlowEstimator, PairFlow, pair_flow, to_gray, warp
+from mpistyle.flow import DIS_PRESETS, FLOW_METHODS, FlowEstimator, PairFlow, pair_flow, to_gray
+from mpistyle.fusion import FusionBackend, NumpyFusion
 from mpistyle.partition import Anchors
 
 logger = logging.getLogger(__name__)
@@ -118,9 +119,14 @@ class TemporalFuser:
     from a stored output where ``anchors.exact_from_output(t)`` (what the partition plan does).
     """
 
-    def __init__(self, settings: TemporalSettings, anchors: Anchors | None = None) -> None:
+    def __init__(self, settings: TemporalSettings, anchors: Anchors | None = None,
+                 backend: FusionBackend | None = None) -> None:
         self.settings = settings
         self.anchors = anchors
+        # Where the per-frame math runs: NumPy/OpenCV on the host (the reference), or torch on the
+        # rank's GPU (bit-identical). Frames come in and go out as host arrays either way; the
+        # chains' state stays on the backend.
+        self.backend: FusionBackend = backend if backend is not None else NumpyFusion()
         self._estimator: FlowEstimator | None = None
         self._prev_source: np.ndarray | None = None
         self._prev_gray: np.ndarray | None = None
@@ -153,7 +159,7 @@ class TemporalFuser:
         """
         if self._prev_source is None or self._prev_output is None:
             return None
-        return self._prev_source, self._prev_output
+        return self._prev_source, self.backend.to_host(self._prev_output)
 
     def reset(self, prev_source: np.ndarray | None = None, prev_output: np.ndarray | None = None,
               prev_t: int | None = None) -> None:
@@ -180,7 +186,7 @@ class TemporalFuser:
                                  "window next): warm up from the chain start instead")
         # Private copies: the caller may reuse its buffers.
         self._prev_source = np.array(prev_source, copy=True)
-        self._prev_output = np.array(prev_output, copy=True)
+        self._prev_output = _owned(self.backend.asarray(np.array(prev_output, copy=True)))
         self._prev_gray = None
         self._last_t = prev_t
 
@@ -206,11 +212,20 @@ class TemporalFuser:
             if self._last_t is not None and self._prev_output is not None and t != self._last_t + 1:
                 raise ValueError(f"frames must come in order: got {t} after {self._last_t}")
         cold = self._prev_output is None
-        out = stylized
+        b = self.backend
+        s_b: object | None = None  # the stylization on the backend, uploaded once when needed
+
+        def stylized_b() -> object:
+            nonlocal s_b
+            if s_b is None:
+                s_b = b.asarray(stylized)
+            return s_b
+
+        out_b = None  # the output on the backend; None: the output is the stylization itself
         gray = None
         if not cold:
             assert self._prev_output is not None
-            if self._prev_output.shape != source.shape:
+            if tuple(self._prev_output.shape) != source.shape:
                 raise MpistyleError(f"frame size changed from {self._prev_output.shape} to {source.shape}")
             if pair is None:
                 if self._prev_gray is None:
@@ -225,25 +240,34 @@ class TemporalFuser:
                 self._last_was_cut = True
                 self._next_output = None  # both chains restart: they are the same from here
             else:
-                out = fuse(stylized, warp(self._prev_output, pair.flow_back), pair.mask, self.settings.strength)
+                p = b.upload_pair(pair)
+                out_b = b.fuse(stylized_b(), b.warp(self._prev_output, p.flow_back), p.mask, self.settings.strength)
                 if self._next_output is not None:  # same flow, same rule: the young chain converges to the old
-                    self._next_output = fuse(stylized, warp(self._next_output, pair.flow_back), pair.mask,
-                                             self.settings.strength)
+                    self._next_output = b.fuse(stylized_b(), b.warp(self._next_output, p.flow_back), p.mask,
+                                               self.settings.strength)
         if self.anchors is not None and t is not None:
             # A chain starting at t (not the one this cold fuser starts anyway) begins from the stylization.
             if self.anchors.starts_chain(t) and not cold:
-                self._next_output = stylized
+                self._next_output = _owned(stylized_b())
             if self.anchors.is_anchor(t) and self._next_output is not None:
-                out = self._next_output  # the output switches to the chain started lead frames ago
+                out_b = self._next_output  # the output switches to the chain started lead frames ago
             if self.anchors.is_anchor(t):
                 self._next_output = None
             self._last_t = t
         self._prev_source = np.array(source, copy=True)
-        self._prev_output = np.array(out, copy=True)
-        if self._next_output is not None and self._next_output is stylized:
-            self._next_output = np.array(stylized, copy=True)
         self._prev_gray = gray  # None -> recomputed from _prev_source when needed
-        return out
+        if out_b is None:
+            self._prev_output = _owned(stylized_b())
+            return stylized
+        self._prev_output = _owned(out_b)
+        return b.to_host(out_b)
+
+
+def _owned(frame: object) -> object:
+    """A private copy of a backend frame (the caller, or a switch of chains, may reuse the original)."""
+    if isinstance(frame, np.ndarray):
+        return np.array(frame, copy=True)
+    return frame.clone()  # type: ignore[attr-defined]  # a torch tensor: stays on its device
 
 
 def _check_frame(name: str, frame: np.ndarray) -> None:

@@ -216,3 +216,26 @@ def test_cuda_gives_the_cpu_bits(frames, flows):
     wa = cpu.to_host(cpu.warp(cpu.asarray(frames[0]), pa.flow_back))
     wb = gpu.to_host(gpu.warp(gpu.asarray(frames[0]), pb.flow_back))
     assert np.array_equal(wa, wb)
+
+
+def test_temporal_fuser_on_the_torch_backend_gives_the_reference_bits() -> None:
+    """TemporalFuser with anchored chains and a scene cut: the torch backend (as a GPU rank uses it, here on
+    the CPU) returns exactly the frames of the NumPy/OpenCV reference, and the same state."""
+    from mpistyle.fusion import make_backend
+    from mpistyle.partition import Anchors
+    from mpistyle.video import read_all
+
+    big = read_all(str(BIG))[:6]
+    cut = read_all(str(DATA / "carphone_clip.mp4"), size=(big.shape[2], big.shape[1]))[:4]
+    frames = np.concatenate([big, cut])  # a scene cut at frame 6
+    rng = np.random.default_rng(3)
+    stylized = [np.clip(f.astype(np.int16) + rng.integers(-20, 21, f.shape), 0, 255).astype(np.uint8) for f in frames]
+    settings = TemporalSettings()
+    anchors = Anchors(every=4, lead=2)
+    ref = TemporalFuser(settings, anchors=anchors)
+    dev = TemporalFuser(settings, anchors=anchors, backend=make_backend("torch", "cpu"))
+    for t, (src, sty) in enumerate(zip(frames, stylized, strict=True)):
+        a, b = ref.step(src, sty, t=t), dev.step(src, sty, t=t)
+        assert isinstance(b, np.ndarray) and b.dtype == np.uint8
+        assert np.array_equal(a, b), t
+    assert np.array_equal(ref.state[1], dev.state[1])

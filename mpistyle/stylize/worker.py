@@ -33,6 +33,7 @@ class RankWorker:
                  temporal: TemporalSettings, spool: SourceSpool, msgr: Messenger, sink: Sink | None,
                  batch: int, state_frames: dict[int, np.ndarray], t0: float, flow_workers: int = 1) -> None:
         from ..flowpool import FlowPool
+        from ..fusion import make_backend
         from ..temporal import TemporalFuser
 
         self.comm, self.rp, self.plan, self.setup, self.stylizer = comm, rp, plan, setup, stylizer
@@ -40,7 +41,11 @@ class RankWorker:
         self.state_frames = state_frames
         self.shape = (setup.height, setup.width, 3)
         self.fbytes = int(np.prod(self.shape))
-        self.fuser = TemporalFuser(temporal, anchors=plan.anchors)  # anchored chains: N ranks == 1 rank, bit for bit
+        # Anchored chains: N ranks == 1 rank, bit for bit. On a GPU rank the fusion runs on the GPU
+        # (torch kernels, the same bits as the OpenCV/NumPy reference, which the CPU keeps: faster there).
+        device = getattr(stylizer, "device", None)
+        backend = make_backend("torch", device) if getattr(device, "type", "cpu") == "cuda" else None
+        self.fuser = TemporalFuser(temporal, anchors=plan.anchors, backend=backend)
         self.flow_mode = temporal.mode != "none"
         # Flows depend on source frames only, so a pool computes them ahead of the fusion, in parallel.
         self.flows = FlowPool(workers=flow_workers, lookahead=max(batch + 1, 2 * flow_workers),
