@@ -68,6 +68,12 @@ def test_n_ranks_match_one_rank_without_seams(bbb_runs, ranks) -> None:
     assert min(psnr(a, b) for a, b in zip(ref_video, video, strict=True)) >= codec_noise
 
 
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_encoded_video_is_byte_identical_to_one_rank(bbb_runs, ranks) -> None:
+    """CPU ranks encode on rank 0 in frame order (--encode auto): identical frames give identical bytes."""
+    assert bbb_runs[ranks]["out"].read_bytes() == bbb_runs[0]["out"].read_bytes()
+
+
 def test_report_accounts_for_halo_and_partitions(bbb_runs) -> None:
     report = bbb_runs[3]["report"]
     assert report["boundaries"] == boundaries(24, 3) == [8, 16]
