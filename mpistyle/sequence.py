@@ -28,11 +28,11 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from fractions import Fraction
-from types import TracebackType
 
 import numpy as np
 
 from mpistyle.errors import MpistyleError
+from mpistyle.video import AtomicOutput
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def buffer_path_for(out_path: str) -> str | None:
     return os.fspath(out_path).rstrip("/" + os.sep) + ".mpistyle.h5"
 
 
-class SequenceWriter:
+class SequenceWriter(AtomicOutput):
     """Write RGB frames as numbered PNG files, atomically; same interface as ``video.VideoEncoder``."""
 
     def __init__(self, out_path: str, width: int, height: int, n_frames: int = 0, start_number: int = 1) -> None:
@@ -308,17 +308,6 @@ class SequenceWriter:
             self.abort()
             raise _write_error(self.out_path, exc) from None
         self.frames_written += 1
-
-    def close(self) -> None:
-        """Move the finished frames into place; on failure remove everything and raise."""
-        if self._done:
-            return
-        try:
-            self._finish()
-        except BaseException:
-            self.abort()
-            raise
-        self._done = True
 
     def _finish(self) -> None:
         if self.frames_written == 0:
@@ -366,15 +355,6 @@ class SequenceWriter:
         self._done = True
         shutil.rmtree(self._tmp, ignore_errors=True)
 
-    def __enter__(self) -> SequenceWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def _write_error(out_path: str, exc: OSError) -> MpistyleError:

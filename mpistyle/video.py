@@ -693,7 +693,45 @@ def _exit_text(rc: int) -> str:
     return f"ffmpeg was killed by signal {-rc}" if rc < 0 else f"ffmpeg exited with status {rc}"
 
 
-class VideoEncoder:
+class AtomicOutput:
+    """An output written under temporary names and moved into place only when complete.
+
+    Subclasses write, then implement ``_finish`` (complete and rename; raise on failure) and ``abort``
+    (remove the temporaries, leave an earlier result as it was). Use as a context manager, or call
+    ``close``/``abort``.
+    """
+
+    _done: bool = False
+
+    def close(self) -> None:
+        """Finish and move the result into place; on failure remove everything and raise."""
+        if self._done:
+            return
+        try:
+            self._finish()
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> AtomicOutput:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class VideoEncoder(AtomicOutput):
     """Write RGB frames to an H.264 video, optionally with the audio of another file; see module docstring.
 
     Use as a context manager (``close`` on success, ``abort`` on exception) or call ``close``/``abort``.
@@ -802,17 +840,6 @@ class VideoEncoder:
         self.frames_written += 1
 
     # -- stage 2: audio mux, check, atomic rename ------------------------------------------------------
-    def close(self) -> None:
-        """Finish the file and move it onto ``out_path``; on failure remove everything and raise."""
-        if self._done:
-            return
-        try:
-            self._finish()
-        except BaseException:
-            self.abort()
-            raise
-        self._done = True
-
     def _finish(self) -> None:
         self._end_stage1()
         self._finalize()
@@ -888,16 +915,6 @@ class VideoEncoder:
                 pass
             except OSError as exc:  # pragma: no cover - e.g. the directory vanished
                 logger.warning("could not remove temporary file %s: %s", tmp, exc)
-
-    def __enter__(self) -> VideoEncoder:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     def __del__(self) -> None:
         # Safety net for an encoder dropped without close/abort: never leave ffmpeg or temporaries behind.
