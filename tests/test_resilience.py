@@ -34,6 +34,9 @@ def _start(args: list[str], ranks: int, env: dict | None = None, log: Path | Non
             err.close()
 
 
+# The sample at half size (160x90): resume, rank-count and failure logic do not depend on the
+# frame size, and a quarter of the pixels keeps these real 2- and 3-rank runs short.
+HALF = ["--scale", "0.5"]
 PAUSE = {"MPISTYLE_PAUSE_AT": "compute"}  # each rank holds after its first frame until a stop signal
 
 
@@ -72,7 +75,7 @@ def uninterrupted(tmp_path_factory, model_args) -> dict:
     """The sample clip (75 frames) stylized in one go with 2 ranks: the reference for resumes."""
     tmp = tmp_path_factory.mktemp("ref")
     out = tmp / "ref.mp4"
-    proc = _start(["stylize", str(SAMPLE), "-o", str(out), *model_args, "--keep-buffer", "--no-progress"], 2)
+    proc = _start(["stylize", str(SAMPLE), "-o", str(out), *model_args, *HALF, "--keep-buffer", "--no-progress"], 2)
     _, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err
     return {"out": out, "frames": _frames(Path(str(out) + BUFFER_SUFFIX))}
@@ -82,7 +85,7 @@ def uninterrupted(tmp_path_factory, model_args) -> dict:
 def test_signal_stops_cleanly_and_rerun_resumes_identically(tmp_path, uninterrupted, model_args, sig) -> None:
     out = tmp_path / "out.mp4"
     buffer = Path(str(out) + BUFFER_SUFFIX)
-    args = ["stylize", str(SAMPLE), "-o", str(out), *model_args, "--keep-buffer", "--no-progress"]
+    args = ["stylize", str(SAMPLE), "-o", str(out), *model_args, *HALF, "--keep-buffer", "--no-progress"]
     log = tmp_path / "stopped.log"
     proc = _start(args, 2, env=PAUSE, log=log)
     _wait_until_paused(log, proc, 2)
@@ -110,7 +113,7 @@ def test_signal_stops_cleanly_and_rerun_resumes_identically(tmp_path, uninterrup
 def test_resume_with_a_different_number_of_ranks(tmp_path, uninterrupted, model_args) -> None:
     out = tmp_path / "out.mp4"
     buffer = Path(str(out) + BUFFER_SUFFIX)
-    args = ["stylize", str(SAMPLE), "-o", str(out), *model_args, "--keep-buffer", "--no-progress"]
+    args = ["stylize", str(SAMPLE), "-o", str(out), *model_args, *HALF, "--keep-buffer", "--no-progress"]
     log = tmp_path / "killed.log"
     proc = _start(args, 2, env=PAUSE, log=log)
     _wait_until_paused(log, proc, 2)
@@ -145,7 +148,7 @@ def test_changed_settings_do_not_reuse_the_buffer(tmp_path, model_args) -> None:
 def test_exception_on_one_rank_ends_every_rank_with_its_message(tmp_path, model_args) -> None:
     out = tmp_path / "out.mp4"
     start = time.monotonic()
-    proc = _start(["stylize", str(SAMPLE), "-o", str(out), *model_args, "--no-progress"], 3,
+    proc = _start(["stylize", str(SAMPLE), "-o", str(out), *model_args, *HALF, "--no-progress"], 3,
                   env={"MPISTYLE_FAULT": "1:30:raise"})
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1
@@ -158,7 +161,7 @@ def test_exception_on_one_rank_ends_every_rank_with_its_message(tmp_path, model_
 
 def test_killed_rank_ends_the_job_without_hanging(tmp_path, model_args) -> None:
     out = tmp_path / "out.mp4"
-    proc = _start(["stylize", str(SAMPLE), "-o", str(out), *model_args, "--no-progress"], 3,
+    proc = _start(["stylize", str(SAMPLE), "-o", str(out), *model_args, *HALF, "--no-progress"], 3,
                   env={"MPISTYLE_FAULT": "2:55:kill"})
     out_text, err = proc.communicate(timeout=240)  # a hang fails here
     assert proc.returncode != 0
