@@ -96,6 +96,8 @@ def test_resume_with_another_rank_count_equals_one_rank(clip, reference, tmp_pat
     assert proc.returncode != 0
     with h5py.File(str(out) + ".mpistyle.h5", "r") as f:
         done = f["done"][...]
-    assert done[:38].all() and not done[58:].any() and done[38:58].any()
+    # Rank 1 emitted 38..57 before its fault at 58, and rank 0 receives all it emitted. Rank 0's
+    # own partition may be part done: a failure on any rank stops every rank's work.
+    assert done[38:58].all() and not done[58:].any()
     _stylize(clip, out, 3)
     _assert_same(reference, _frames(Path(str(out) + ".mpistyle.h5")))
