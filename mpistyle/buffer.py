@@ -1,24 +1,43 @@
 """The HDF5 frame buffer: stylized frames as they complete, which are done, and the run's settings.
 
-Layout: ``frames`` (N, H, W, 3) uint8 chunked one frame per chunk, ``done`` (N,) bool, and the
-settings that determine the output as attributes (``settings/<key>``).
+Every rank writes its own frames, so no frame has to pass through rank 0 (issue 16). The buffer is
+still one logical HDF5 dataset, laid out as detector systems at light sources do:
 
-Crash safety without SWMR or fsync-per-frame:
-- every chunk is allocated when the file is created (``ALLOC_TIME_EARLY``) and the space is
-  reserved with ``posix_fallocate``, so writing a frame never changes HDF5 metadata (a kill
-  mid-write cannot corrupt the file) and a disk too small fails at once, not hours later;
-- ``done`` flags are committed in batches *after* the frames they cover are flushed and
-  fsync'ed, so a frame marked done is on disk.
-Only rank 0 opens the file (serial h5py); ranks send their frames to it.
+- ``BUF`` (the main file, what a user opens with h5py): ``frames`` (N, H, W, 3) uint8 and ``done`` (N,)
+  bool as *virtual datasets* (h5py ``VirtualLayout``), and the settings as attributes;
+- ``BUF.parts/frames-FIRST-STOP.h5``: one part file per run of frames a rank computes ([FIRST, STOP)),
+  written by that rank alone with serial h5py, with its own ``frames`` and ``done``.
+
+The part files are the truth; the main file is a view rank 0 rewrites (atomically) whenever the set of
+parts changes: each frame maps to the part that holds it done, else to the part planned for it in this
+run (a part not created yet reads as fill: zeros, not done). Source paths are relative, so the folder
+can be moved. Readers open with ``locking=False`` (a writer holds its part open).
+
+Crash safety without SWMR or fsync-per-frame, per part as before per file:
+- every chunk of a part is allocated when the part is created (``ALLOC_TIME_EARLY``) and the space is
+  reserved with ``posix_fallocate``, so writing a frame never changes HDF5 metadata (a kill mid-write
+  cannot corrupt the file) and a disk too small fails at once, not hours later;
+- ``done`` flags are committed in batches *after* the frames they cover are flushed and fsync'ed, so a
+  frame marked done is on disk;
+- part files are created under a temporary name and renamed, and parts whose settings digest differs
+  from the main file's (left over from another run) are ignored.
+
+Resume with any rank count: rank 0 scans the parts' ``done`` flags; the new run's parts cover only the
+frames still to do (the plan never gives a done frame to anyone), so a frame is done in at most one part.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import h5py
@@ -28,7 +47,21 @@ from .errors import MpistyleError
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_PART = re.compile(r"^frames-(\d{9})-(\d{9})\.h5$")
+
+
+def parts_dir(path: str) -> str:
+    """Folder of a buffer's part files, beside the main file (same file system)."""
+    return f"{path}.parts"
+
+
+def part_name(first: int, stop: int) -> str:
+    return f"frames-{first:09d}-{stop:09d}.h5"
+
+
+def settings_digest(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _disk_error(exc: OSError, path: str) -> MpistyleError:
@@ -37,17 +70,36 @@ def _disk_error(exc: OSError, path: str) -> MpistyleError:
     return MpistyleError(f"cannot write buffer {path}: {exc}")
 
 
-class FrameBuffer:
-    """Rank 0's handle on the buffer file. Thread-safe (one lock around every h5py call)."""
+@dataclass(frozen=True)
+class Part:
+    """One part file: frames [first, stop) of the video, and which of them are done."""
 
-    def __init__(self, path: str, handle: h5py.File) -> None:
+    first: int
+    stop: int
+    path: str
+    done: np.ndarray  # (stop - first,) bool, as read when scanned
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+# ------------------------------------------------------------------------------------------ main file (rank 0)
+class FrameBuffer:
+    """Rank 0's handle on the buffer: settings, the done mask (from the parts), the virtual main file.
+
+    Frames are written by the ranks through :class:`PartWriter`; this class only reads them.
+    """
+
+    def __init__(self, path: str, n_frames: int, height: int, width: int, settings: dict[str, Any]) -> None:
         self.path = path
-        self._f = handle
-        self._frames = handle["frames"]
-        self._done_ds = handle["done"]
-        self.done = np.asarray(self._done_ds[...], dtype=bool)
-        self._pending: list[int] = []
-        self._lock = threading.Lock()
+        self.n_frames, self.height, self.width = n_frames, height, width
+        self.settings = settings
+        self.digest = settings_digest(settings)
+        self.parts: list[Part] = []
+        self.done = np.zeros(n_frames, dtype=bool)
+        self.reader = FrameReader(path, n_frames)
+        self.rescan()
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
@@ -61,14 +113,13 @@ class FrameBuffer:
         if os.path.isdir(path):
             raise MpistyleError(f"buffer path is a directory: {path}")
         if os.path.exists(path) and not restart:
-            handle = _open_existing(path)
-            mismatch = _settings_mismatch(handle, n_frames, height, width, settings)
+            stored = _read_header(path)
+            mismatch = _settings_mismatch(stored, n_frames, height, width, settings)
             if mismatch:
-                handle.close()
                 raise MpistyleError(
                     f"buffer {path} was made for a different run ({mismatch}); "
                     "pass --restart to discard it or --buffer to use another file")
-            return cls(path, handle)
+            return cls(path, n_frames, height, width, settings)
         return cls.create(path, n_frames, height, width, settings)
 
     @classmethod
@@ -77,97 +128,294 @@ class FrameBuffer:
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise MpistyleError(f"buffer directory does not exist: {directory}")
-        tmp = f"{path}.tmp-{os.getpid()}"
+        remove_buffer(path)  # a restart: the old parts go with the old main file
+        try:
+            os.makedirs(parts_dir(path))
+        except OSError as exc:
+            raise _disk_error(exc, path) from None
+        buf = cls(path, n_frames, height, width, settings)
+        buf.write_index()
+        return buf
+
+    # -- the view ------------------------------------------------------------------------------
+    def rescan(self) -> None:
+        """Read every part's done flags (the truth) into ``self.done``."""
+        self.parts = scan_parts(self.path, self.digest, self.n_frames, (self.height, self.width, 3))
+        self.done[:] = False
+        for part in self.parts:
+            self.done[part.first:part.stop] |= part.done
+        self.reader.set_map(frame_map(self.parts, self.n_frames, []))
+
+    def write_index(self, planned: Sequence[tuple[int, int]] = ()) -> None:
+        """Rewrite the main file (atomically): settings, and virtual ``frames``/``done`` over the parts.
+
+        ``planned``: the [first, stop) runs this run's ranks will write (their parts may not exist yet).
+        """
+        mapping = frame_map(self.parts, self.n_frames, planned)
+        self.reader.set_map(mapping)
+        shape = (self.n_frames, self.height, self.width, 3)
+        frames = h5py.VirtualLayout(shape=shape, dtype="u1")
+        done = h5py.VirtualLayout(shape=(self.n_frames,), dtype=bool)
+        rel = os.path.basename(parts_dir(self.path))
+        for first, stop, part_first, part_stop in _mapped_runs(mapping):
+            source = os.path.join(rel, part_name(part_first, part_stop))
+            count = part_stop - part_first
+            lo, hi = first - part_first, stop - part_first
+            frames[first:stop] = h5py.VirtualSource(source, "frames", shape=(count, *shape[1:]))[lo:hi]
+            done[first:stop] = h5py.VirtualSource(source, "done", shape=(count,))[lo:hi]
+        tmp = f"{self.path}.tmp-{os.getpid()}"
         try:
             with h5py.File(tmp, "w") as f:
-                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-                dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-                dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-                f.create_dataset("frames", shape=(n_frames, height, width, 3), dtype="u1",
-                                 chunks=(1, height, width, 3), dcpl=dcpl)
-                f.create_dataset("done", data=np.zeros(n_frames, dtype=bool))
+                f.create_virtual_dataset("frames", frames, fillvalue=0)
+                f.create_virtual_dataset("done", done, fillvalue=False)
                 f.attrs["format_version"] = FORMAT_VERSION
-                f.attrs["settings"] = json.dumps(settings, sort_keys=True)
-                f.attrs["n_frames"] = n_frames
-                f.attrs["height"] = height
-                f.attrs["width"] = width
-            _reserve(tmp)
-            os.replace(tmp, path)
+                f.attrs["layout"] = "vds"
+                f.attrs["settings"] = json.dumps(self.settings, sort_keys=True)
+                f.attrs["settings_digest"] = self.digest
+                f.attrs["n_frames"] = self.n_frames
+                f.attrs["height"] = self.height
+                f.attrs["width"] = self.width
+            os.replace(tmp, self.path)
         except OSError as exc:
             _unlink(tmp)
-            raise _disk_error(exc, path) from None
+            raise _disk_error(exc, self.path) from None
         except BaseException:
             _unlink(tmp)
             raise
-        return cls(path, _open_existing(path))
-
-    # -- writing -------------------------------------------------------------------------------
-    def write(self, index: int, frame: np.ndarray) -> None:
-        """Store one frame; it counts as done after the next :meth:`commit`."""
-        try:
-            with self._lock:
-                self._frames[index] = frame
-                self._pending.append(index)
-        except OSError as exc:
-            raise _disk_error(exc, self.path) from None
-
-    def commit(self) -> list[int]:
-        """Flush and fsync the frames written so far, then mark them done. Returns the new indices."""
-        with self._lock:
-            if not self._pending:
-                return []
-            pending, self._pending = self._pending, []
-            try:
-                self._f.flush()
-                os.fsync(self._f.id.get_vfd_handle())
-                self.done[pending] = True
-                for index in pending:
-                    self._done_ds[index] = True
-                self._f.flush()
-            except OSError as exc:
-                raise _disk_error(exc, self.path) from None
-        return pending
 
     def read(self, index: int) -> np.ndarray:
-        with self._lock:
-            return self._frames[index]
-
-    @property
-    def n_frames(self) -> int:
-        return int(self._frames.shape[0])
+        return self.reader.read(index)
 
     def complete(self) -> bool:
         return bool(self.done.all())
 
     def close(self) -> None:
-        with self._lock:
-            if self._f.id.valid:
-                self._f.close()
+        self.reader.close()
 
 
-def _open_existing(path: str) -> h5py.File:
+def remove_buffer(path: str) -> None:
+    """Delete a buffer: its main file and its parts (and a v0.2 single file of the same name)."""
+    _unlink(path)
+    shutil.rmtree(parts_dir(path), ignore_errors=True)
+
+
+def _read_header(path: str) -> dict[str, Any]:
     try:
-        handle = h5py.File(path, "r+")
+        with h5py.File(path, "r", locking=False) as f:
+            attrs = dict(f.attrs)
     except OSError as exc:
         raise MpistyleError(f"buffer {path} is not a readable mpistyle HDF5 buffer ({exc}); "
                             "pass --restart to discard it") from None
-    if "frames" not in handle or "done" not in handle or handle.attrs.get("format_version") != FORMAT_VERSION:
-        handle.close()
-        raise MpistyleError(f"buffer {path} is not an mpistyle buffer of this version; "
-                            "pass --restart to discard it")
-    return handle
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise MpistyleError(f"buffer {path} is not an mpistyle buffer of this version; pass --restart to discard it")
+    return attrs
 
 
-def _settings_mismatch(handle: h5py.File, n_frames: int, height: int, width: int,
+def _settings_mismatch(attrs: dict[str, Any], n_frames: int, height: int, width: int,
                        settings: dict[str, Any]) -> str:
-    shape = tuple(handle["frames"].shape)
-    if shape != (n_frames, height, width, 3):
-        return f"frames {shape[:3]} vs {(n_frames, height, width)}"
-    stored = json.loads(handle.attrs.get("settings", "{}"))
+    shape = (int(attrs.get("n_frames", -1)), int(attrs.get("height", -1)), int(attrs.get("width", -1)))
+    if shape != (n_frames, height, width):
+        return f"frames {shape} vs {(n_frames, height, width)}"
+    stored = json.loads(attrs.get("settings", "{}"))
     diffs = [key for key in sorted(set(stored) | set(settings)) if stored.get(key) != settings.get(key)]
     if diffs:
         return "different " + ", ".join(diffs)
     return ""
+
+
+def check_free_space(path: str, n_frames: int, frame_bytes: int) -> None:
+    """Fail at once, before any work, when the buffer's disk cannot hold the frames still to do."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return
+    need = n_frames * frame_bytes + (1 << 20)  # frames + HDF5 metadata of the parts
+    if need > free:
+        raise MpistyleError(f"disk full: buffer {path} needs {need / 1e6:.0f} MB for {n_frames} frames, "
+                            f"{free / 1e6:.0f} MB are free on {directory}")
+
+
+# ------------------------------------------------------------------------------------------ parts
+def scan_parts(path: str, digest: str, n_frames: int, frame_shape: tuple[int, int, int]) -> list[Part]:
+    """Every usable part file of a buffer, by first frame (others are logged and left alone)."""
+    found = []
+    directory = parts_dir(path)
+    names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    for name in names:
+        m = _PART.match(name)
+        if not m:
+            continue  # temporaries of a part being created when a rank was killed
+        first, stop = int(m.group(1)), int(m.group(2))
+        file = os.path.join(directory, name)
+        try:
+            with h5py.File(file, "r", locking=False) as f:
+                ok = (f.attrs.get("settings_digest") == digest and f["frames"].shape == (stop - first, *frame_shape)
+                      and 0 <= first < stop <= n_frames)
+                done = np.asarray(f["done"][...], dtype=bool) if ok else None
+        except (OSError, KeyError) as exc:
+            logger.warning("ignoring unreadable buffer part %s (%s)", file, exc)
+            continue
+        if done is None:
+            logger.warning("ignoring buffer part %s: made for another run", file)
+            continue
+        found.append(Part(first, stop, file, done))
+    return found
+
+
+def frame_map(parts: Iterable[Part], n_frames: int, planned: Sequence[tuple[int, int]]) -> np.ndarray:
+    """(n_frames, 2) [first, stop) of the part that holds each frame: done there, else planned; -1: none.
+
+    Pure. Planned runs never contain a done frame (the plan skips them), so the two never disagree.
+    """
+    mapping = np.full((n_frames, 2), -1, dtype=np.int64)
+    for first, stop in planned:
+        mapping[first:stop] = (first, stop)
+    for part in parts:
+        idx = np.flatnonzero(part.done) + part.first
+        mapping[idx] = (part.first, part.stop)
+    return mapping
+
+
+def _mapped_runs(mapping: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Maximal runs of consecutive frames mapped to the same part: (first, stop, part first, part stop)."""
+    runs = []
+    t, n = 0, len(mapping)
+    while t < n:
+        key = tuple(mapping[t])
+        end = t + 1
+        while end < n and tuple(mapping[end]) == key:
+            end += 1
+        if key[0] >= 0:
+            runs.append((t, end, int(key[0]), int(key[1])))
+        t = end
+    return runs
+
+
+class FrameReader:
+    """Reads frames of a buffer from its part files, read-only and unlocked (writers may be at work).
+
+    Only frames known to be committed should be read: no chunk cache, so nothing stale is kept.
+    """
+
+    def __init__(self, path: str, n_frames: int) -> None:
+        self.path = path
+        self.mapping = np.full((n_frames, 2), -1, dtype=np.int64)
+        self._open: dict[tuple[int, int], h5py.File] = {}
+        self._lock = threading.Lock()
+
+    def set_map(self, mapping: np.ndarray) -> None:
+        self.mapping = mapping
+
+    def read(self, index: int) -> np.ndarray:
+        first, stop = (int(x) for x in self.mapping[index])
+        if first < 0:
+            raise MpistyleError(f"buffer {self.path}: frame {index} is in no part file")
+        with self._lock:
+            handle = self._open.get((first, stop))
+            if handle is None:
+                file = os.path.join(parts_dir(self.path), part_name(first, stop))
+                try:
+                    handle = h5py.File(file, "r", locking=False, rdcc_nbytes=0)
+                except OSError as exc:
+                    raise MpistyleError(f"buffer {self.path}: cannot read part {file}: {exc}") from None
+                self._open[(first, stop)] = handle
+            return np.asarray(handle["frames"][index - first])
+
+    def close(self) -> None:
+        with self._lock:
+            for handle in self._open.values():
+                if handle.id.valid:
+                    handle.close()
+            self._open.clear()
+
+
+class PartWriter:
+    """One rank's part file for frames [first, stop): write frames, commit them as done.
+
+    Not thread-safe: one writer thread per rank (``stylize.store``) owns it.
+    """
+
+    def __init__(self, buffer_path: str, first: int, stop: int, height: int, width: int, digest: str) -> None:
+        self.buffer_path = buffer_path
+        self.first, self.stop = first, stop
+        self.path = os.path.join(parts_dir(buffer_path), part_name(first, stop))
+        self._pending: list[int] = []
+        self.committed: list[int] = []
+        if os.path.exists(self.path):  # this run was planned before and never committed a frame
+            self._f = self._reopen(height, width, digest)
+        else:
+            self._f = self._create(height, width, digest)
+        self._frames = self._f["frames"]
+        self._done = self._f["done"]
+
+    def _reopen(self, height: int, width: int, digest: str) -> h5py.File:
+        try:
+            f = h5py.File(self.path, "r+")
+            if (f.attrs.get("settings_digest") == digest
+                    and f["frames"].shape == (self.stop - self.first, height, width, 3)):
+                return f
+            f.close()
+        except (OSError, KeyError):
+            pass
+        _unlink(self.path)  # not ours or damaged: make it anew
+        return self._create(height, width, digest)
+
+    def _create(self, height: int, width: int, digest: str) -> h5py.File:
+        count = self.stop - self.first
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        try:
+            with h5py.File(tmp, "w") as f:
+                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+                dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+                f.create_dataset("frames", shape=(count, height, width, 3), dtype="u1",
+                                 chunks=(1, height, width, 3), dcpl=dcpl)
+                f.create_dataset("done", data=np.zeros(count, dtype=bool))
+                f.attrs["format_version"] = FORMAT_VERSION
+                f.attrs["settings_digest"] = digest
+                f.attrs["first"] = self.first
+                f.attrs["stop"] = self.stop
+            _reserve(tmp)
+            os.replace(tmp, self.path)
+            return h5py.File(self.path, "r+")
+        except OSError as exc:
+            _unlink(tmp)
+            raise _disk_error(exc, self.buffer_path) from None
+        except BaseException:
+            _unlink(tmp)
+            raise
+
+    def write(self, index: int, frame: np.ndarray) -> None:
+        """Store one frame; it counts as done after the next :meth:`commit`."""
+        try:
+            self._frames[index - self.first] = frame
+        except OSError as exc:
+            raise _disk_error(exc, self.buffer_path) from None
+        self._pending.append(index)
+
+    def commit(self) -> list[int]:
+        """Flush and fsync the frames written so far, then mark them done. Returns the new indices."""
+        if not self._pending:
+            return []
+        pending, self._pending = self._pending, []
+        try:
+            self._f.flush()
+            os.fsync(self._f.id.get_vfd_handle())
+            local = np.asarray(pending) - self.first
+            lo, hi = int(local.min()), int(local.max()) + 1
+            flags = np.asarray(self._done[lo:hi], dtype=bool)
+            flags[local - lo] = True
+            self._done[lo:hi] = flags
+            self._f.flush()
+        except OSError as exc:
+            raise _disk_error(exc, self.buffer_path) from None
+        self.committed += pending
+        return pending
+
+    def close(self) -> None:
+        if self._f.id.valid:
+            self._f.close()
 
 
 def _reserve(path: str) -> None:
@@ -193,6 +441,6 @@ def _unlink(path: str) -> None:
 
 
 def read_done(path: str) -> np.ndarray:
-    """Done mask of a buffer file (for tests and tools)."""
-    with h5py.File(path, "r") as f:
+    """Done mask of a buffer (the main file's virtual ``done``; for tests and tools)."""
+    with h5py.File(path, "r", locking=False) as f:
         return np.asarray(f["done"][...], dtype=bool)

@@ -11,7 +11,7 @@ from ..mpi import StopFlag, poll_until
 
 logger = logging.getLogger(__name__)
 
-TAG_SRC, TAG_OUT, TAG_HALO, TAG_STATE, TAG_STOP, TAG_FIN, TAG_REQ, TAG_GIVE = 101, 102, 103, 104, 105, 106, 107, 108
+TAG_SRC, TAG_PROG, TAG_HALO, TAG_STOP, TAG_FIN, TAG_REQ, TAG_GIVE = 101, 102, 103, 105, 106, 107, 108
 
 
 class Stopped(Exception):

@@ -8,15 +8,17 @@ import time
 from fractions import Fraction
 from typing import Any
 
+from ..buffer import settings_digest
 from ..mpi import StopFlag, configure_threads, local_rank_and_size, pause_point, select_device, threads_per_rank
 from ..partition import RankPlan, make_plan
 from .comm import Messenger, Stopped, describe
 from .gather import Sink
 from .options import Setup, StylizeOptions, chunk_list
 from .scatter import Decoder, Receiver, Scheduler, SourceSpool
-from .segments import SegmentWriter, reset_segment_dir, segment_dir, uses_segments
-from .setup import Validated, collective, distribute_state_frames, open_buffer_on_root, validate_on_root
+from .segments import SegmentWriter, prepare_segment_dir, segment_dir, segment_threads, uses_segments
+from .setup import Validated, collective, open_buffer_on_root, read_state_frames, validate_on_root
 from .shutdown import shutdown
+from .store import FrameStore
 from .worker import RankWorker
 
 logger = logging.getLogger(__name__)
@@ -63,12 +65,16 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     stylizer, device, dtype, batch = collective(comm, load, root_only=False)
     precision_name = str(dtype).replace("torch.", "") if dtype is not None else "float32"
     device_type = device.split(":")[0]
-    segmented = uses_segments(opts.output, size, opts.encode, device_type)  # validated on rank 0 above
+    segmented = uses_segments(opts.output, size, opts.encode)  # validated on rank 0 above
+    seg_threads = segment_threads(device_type)
 
     def open_on_root() -> Setup:
         opened = open_buffer_on_root(opts, checked, precision_name, device_type)
-        if segmented:  # before any rank can write a segment
-            reset_segment_dir(segment_dir(opts.output))
+        if segmented:  # before any rank can write a segment; a resume keeps the blocks already encoded
+            prepare_segment_dir(segment_dir(opts.output), resume=bool(opened.done.any()),
+                                params={"buffer": settings_digest(opened.settings), "crf": opts.crf,
+                                        "threads": seg_threads, "size": [opened.width, opened.height],
+                                        "fps": [opened.fps_num, opened.fps_den], "frames": opened.n_frames})
         return opened
 
     setup: Setup = collective(comm, open_on_root)
@@ -87,21 +93,32 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
         logger.info("stylizing %d frames (%d to do) at %dx%d on %d rank(s), %d thread(s) each, device %s, %s",
                     setup.n_frames, plan.n_todo, setup.width, setup.height, size, threads, device, precision_name)
 
+    opened: list[Any] = []  # rank 0's FrameBuffer
+
+    def index_on_root() -> None:
+        # The main file maps every frame to the part that holds it or will: readable as one dataset now.
+        from ..buffer import FrameBuffer
+
+        index = FrameBuffer.open(setup.buffer_path, setup.n_frames, setup.height, setup.width, setup.settings)
+        opened.append(index)
+        index.write_index([(run.start, run.stop) for p in plan.ranks for run in p.runs])
+
+    collective(comm, index_on_root)  # before any rank reads stored frames from it
     shape = (setup.height, setup.width, 3)
     spool = SourceSpool(rp.source_frames(), shape, opts.scratch, msgr.interrupted)
     threads_started: list[threading.Thread] = []
-    receiver = decoder = sink = None
+    receiver = decoder = sink = store = None
     buffer = encoder = scheduler = None
     worker = None
     outcome = "done"
     try:
-        state_frames = distribute_state_frames(comm, plan, setup, rp) if not dynamic else {}
+        state_frames = read_state_frames(setup.buffer_path, rp.buffer_frames()) if not dynamic else {}
+        store = FrameStore(setup.buffer_path, setup.height, setup.width, settings_digest(setup.settings), msgr)
+        threads_started.append(store)
         if rank == 0:
-            from ..buffer import FrameBuffer
             from ..video import open_writer
 
-            buffer = FrameBuffer.open(setup.buffer_path, setup.n_frames, setup.height, setup.width,
-                                      setup.settings)
+            buffer = opened[0]
             if not segmented:  # one in-order encoder on rank 0; veryfast: medium costs ~2x CPU for no gain here
                 encoder = open_writer(opts.output, setup.width, setup.height, Fraction(setup.fps_num, setup.fps_den),
                                       audio_from=opts.input if setup.has_audio else None, crf=opts.crf,
@@ -122,12 +139,14 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
         if rank == 0:
             logger.info("phase: compute")
         # Flow pool: on a GPU node the rank's cores are free for flow; on CPU ranks the network has them.
-        worker = RankWorker(comm, rp, plan, setup, stylizer, opts.temporal, spool, msgr, sink, batch, state_frames,
+        worker = RankWorker(comm, rp, plan, setup, stylizer, opts.temporal, spool, msgr, store, batch, state_frames,
                             t0=t_work, flow_workers=threads if device_type == "cuda" else 1)
+        if sink is not None:
+            sink.local = worker.progress
         if segmented:
             worker.segments = SegmentWriter(segment_dir(opts.output), setup.width, setup.height,
                                             Fraction(setup.fps_num, setup.fps_den), opts.crf,
-                                            threads=max(1, threads // 4) if device_type == "cuda" else 1)
+                                            threads=seg_threads, n_frames=setup.n_frames)
             worker.segments.start()
         if dynamic:
             worker.run_dynamic(scheduler, receiver)
@@ -139,8 +158,8 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
         msgr.fail(describe(exc), getattr(exc, "exit_code", 1))
         outcome = "failed"
     try:
-        report = shutdown(comm, msgr, worker, receiver, decoder, sink, buffer, encoder, setup, plan, opts,
-                           threads, device, precision_name, (t_start, t_work))
+        report = shutdown(comm, msgr, worker, store, receiver, decoder, sink, buffer, encoder, setup, plan, opts,
+                           threads, device, precision_name, (t_start, t_work), segmented)
     finally:
         spool.close()
     logger.debug("rank %d: work ended: %s", rank, outcome)

@@ -81,6 +81,7 @@ class Receiver(ReportingThread):
         self.cancel = threading.Event()
         self.dynamic, self.chunk = dynamic, chunk
         self.assigned: queue.Queue[list[int]] = queue.Queue()  # dynamic: source frames of each new chunk
+        self.recv_bytes = 0
 
     def _run(self) -> None:
         if not self.dynamic:
@@ -113,6 +114,7 @@ class Receiver(ReportingThread):
                 return
             posted.pop(0)
             n = len(self.chunks[ci])
+            self.recv_bytes += n * self.spool.nbytes
             self.spool.append(buffers[index][: n * self.spool.nbytes].reshape((n, *self.spool.shape)))
 
 

@@ -12,9 +12,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import MpistyleError
-from ..mpi import poll_until
-from ..partition import Plan, RankPlan
-from .comm import TAG_STATE, describe
+from .comm import describe
 from .options import Setup, StylizeOptions, default_buffer_path, file_fingerprint, input_fingerprint, validate_output
 from .segments import uses_segments
 
@@ -73,7 +71,7 @@ def validate_on_root(opts: StylizeOptions) -> Validated:
 
 
 def open_buffer_on_root(opts: StylizeOptions, checked: Validated, precision_name: str, device_type: str) -> Setup:
-    from ..buffer import FrameBuffer
+    from ..buffer import FrameBuffer, check_free_space
 
     info, width, height, model_path = checked.info, checked.width, checked.height, checked.model_path
     buffer_path = opts.buffer or default_buffer_path(opts.output)
@@ -92,9 +90,14 @@ def open_buffer_on_root(opts: StylizeOptions, checked: Validated, precision_name
         "device_type": device_type,
         "mpistyle": __version__,
     }
+    fresh = opts.restart or not os.path.exists(buffer_path)
+    if fresh:  # before anything is created: a disk too small fails at once and leaves nothing behind
+        check_free_space(buffer_path, info.n_frames, width * height * 3)
     buf = FrameBuffer.open(buffer_path, info.n_frames, height, width, settings, restart=opts.restart)
     done = buf.done.copy()
     buf.close()
+    if not fresh:
+        check_free_space(buffer_path, int((~done).sum()), width * height * 3)
     if done.any():
         logger.info("resuming from %s: %d of %d frames already done", buffer_path, int(done.sum()), len(done))
     return Setup(n_frames=info.n_frames, width=width, height=height, fps_num=info.fps.numerator,
@@ -102,33 +105,14 @@ def open_buffer_on_root(opts: StylizeOptions, checked: Validated, precision_name
                  buffer_path=buffer_path, done=done, settings=settings)
 
 
-def distribute_state_frames(comm: Any, plan: Plan, setup: Setup, rp: RankPlan) -> dict[int, np.ndarray]:
-    """Stored outputs that start 'buffer' runs exactly: rank 0 reads them and sends them over."""
-    shape = (setup.height, setup.width, 3)
-    rank = comm.Get_rank()
-    mine: dict[int, np.ndarray] = {}
-    reqs = []
-    keep_alive = []  # send buffers must outlive their requests
-    for t in rp.buffer_frames():
-        if rank != 0:
-            buf = np.empty(shape, dtype=np.uint8)
-            reqs.append(comm.Irecv(buf, source=0, tag=TAG_STATE))
-            mine[t] = buf
-    if rank == 0 and any(p.buffer_frames() for p in plan.ranks):
-        from ..buffer import FrameBuffer
+def read_state_frames(buffer_path: str, frames: list[int]) -> dict[int, np.ndarray]:
+    """Stored outputs that start 'buffer' runs exactly: each rank reads its own from the buffer."""
+    if not frames:
+        return {}
+    import h5py
 
-        buffer = FrameBuffer.open(setup.buffer_path, setup.n_frames, setup.height, setup.width, setup.settings)
-        try:
-            for p in plan.ranks:
-                for t in p.buffer_frames():
-                    frame = np.ascontiguousarray(buffer.read(t))
-                    if p.rank == 0:
-                        mine[t] = frame
-                    else:
-                        reqs.append(comm.Isend(frame, dest=p.rank, tag=TAG_STATE))
-                        keep_alive.append(frame)
-        finally:
-            buffer.close()
-    for req in reqs:
-        poll_until(req.Test)
-    return mine
+    try:
+        with h5py.File(buffer_path, "r", locking=False) as f:
+            return {t: np.ascontiguousarray(f["frames"][t]) for t in frames}
+    except OSError as exc:
+        raise MpistyleError(f"cannot read buffer {buffer_path}: {exc}") from None

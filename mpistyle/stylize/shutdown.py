@@ -1,8 +1,9 @@
 """Shutdown: one path for success, signals and failures; rank 0 commits, encodes and gives the verdict.
 
-Each rank finishes its current frame and pending sends, tells rank 0 how many frames it sent; rank 0
-commits the buffer; all ranks meet in a non-blocking barrier and cancel receives that can no longer
-match. A watchdog aborts the job if this stalls (a peer vanished).
+Each rank finishes its current frame, commits what it computed to its part of the buffer, finishes its
+pending sends and gives rank 0 its final progress; all ranks meet in a non-blocking barrier and cancel
+receives that can no longer match. With segments, the blocks no run covered whole are then encoded from
+the buffer by all ranks, and rank 0 joins. A watchdog aborts the job if this stalls (a peer vanished).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+import resource
 import sys
 import threading
 import time
@@ -19,6 +20,7 @@ from fractions import Fraction
 from typing import Any
 
 from .. import __version__
+from ..buffer import remove_buffer
 from ..errors import Interrupted, MpistyleError
 from ..mpi import StopFlag, pause_point, poll_until
 from ..partition import Plan
@@ -26,7 +28,8 @@ from .comm import TAG_FIN, TAG_GIVE, Messenger
 from .gather import Sink
 from .options import Setup, StylizeOptions
 from .scatter import Decoder, Receiver
-from .segments import join_output, segment_dir, uses_segments
+from .segments import encode_blocks, join_output, leftover_share, missing_blocks, segment_dir, segment_threads
+from .store import FrameStore
 from .worker import RankWorker
 
 logger = logging.getLogger(__name__)
@@ -52,22 +55,24 @@ class Watchdog:
         self.timer.cancel()
 
 
-def shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, receiver: Receiver | None,
-              decoder: Decoder | None, sink: Sink | None, buffer: Any, encoder: Any, setup: Setup, plan: Plan,
-              opts: StylizeOptions, threads: int, device: str, precision: str,
-              clock: tuple[float, float]) -> dict[str, Any]:
+def shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, store: FrameStore | None,
+              receiver: Receiver | None, decoder: Decoder | None, sink: Sink | None, buffer: Any, encoder: Any,
+              setup: Setup, plan: Plan, opts: StylizeOptions, threads: int, device: str, precision: str,
+              clock: tuple[float, float], segmented: bool) -> dict[str, Any]:
     rank, size = comm.Get_rank(), comm.Get_size()
     if msgr.stop:
         msgr.broadcast_stop()
+    if worker is not None and worker.segments is not None:  # its blocks are complete before rank 0 joins
+        worker.segments.close(abort=bool(msgr.stop))
+    if store is not None:  # everything computed is committed, also after a stop or a failure elsewhere
+        store.close()
     if worker is not None:
-        if worker.segments is not None:  # its last segment is complete before rank 0 may join them
-            worker.segments.close(abort=bool(msgr.stop))
         worker.finish_sends()
         if worker.awaiting_chunk:  # collect rank 0's answer so its send completes
             if poll_until(lambda: comm.iprobe(source=0, tag=TAG_GIVE), timeout=60):
                 comm.recv(source=0, tag=TAG_GIVE)
     if rank != 0:
-        comm.send(worker.sent if worker is not None else 0, dest=0, tag=TAG_FIN)
+        comm.send(worker.progress().as_message() if worker is not None else (0, 0, {}), dest=0, tag=TAG_FIN)
     else:
         if decoder is not None and decoder.is_alive():
             decoder.join()
@@ -80,6 +85,10 @@ def shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, receiver: Re
     # Everyone is here only after their sends completed: meet, then cancel what can't match.
     barrier = comm.Ibarrier()
     poll_until(barrier.Test)
+    if rank == 0 and buffer is not None:
+        buffer.rescan()  # the parts are closed: their done flags are the truth
+    if segmented:
+        _encode_leftovers(comm, msgr, buffer, setup, opts, device)
     # Only now a stall means a vanished peer: before the barrier a rank may rightly wait for slower
     # ranks still at work, and after the gather only rank 0 works (encoding) while the others wait.
     watchdog = Watchdog(comm, rank)
@@ -100,9 +109,15 @@ def shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, receiver: Re
             times["segment_encode"] = worker.segments.encode_s
             counts["segments"] = len(worker.segments.finished)
             counts["segment_failures"] = worker.segments.failures
+        if store is not None:
+            times["write"] = store.write_s
         if sink is not None:
-            times["write"] = sink.write_s
             times["encode"] = sink.encode_s
+            counts["recv_bytes"] = counts.get("recv_bytes", 0) + sink.recv_bytes
+        if receiver is not None:
+            counts["recv_bytes"] = counts.get("recv_bytes", 0) + receiver.recv_bytes
+        usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        times["cpu"] = sum(u.ru_utime + u.ru_stime for u in usage)  # the process and its ffmpeg children
         failure = msgr.error[0] if msgr.error else ""
         code = msgr.error[1] if msgr.error else 0
         events = worker.events if worker is not None else []
@@ -116,7 +131,7 @@ def shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, receiver: Re
     report: dict[str, Any] = {}
     if rank == 0:
         verdict, report = _finish_on_root(per_rank, buffer, encoder, sink, setup, plan, opts, threads, device,
-                                          precision, clock, size, msgr.stop)
+                                          precision, clock, size, msgr.stop, segmented)
     verdict = comm.bcast(verdict, root=0)
     kind, message, exit_code = verdict
     if kind == "failed":
@@ -134,8 +149,8 @@ def shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, receiver: Re
 
 def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, sink: Sink | None, setup: Setup,
                     plan: Plan, opts: StylizeOptions, threads: int, device: str, precision: str,
-                    clock: tuple[float, float], size: int,
-                    stop: StopFlag | None = None) -> tuple[tuple[str, str, int], dict[str, Any]]:
+                    clock: tuple[float, float], size: int, stop: StopFlag | None = None,
+                    segmented: bool = False) -> tuple[tuple[str, str, int], dict[str, Any]]:
     failures = [p for p in per_rank if p["failure"]]
     complete = buffer is not None and buffer.complete()
     verdict: tuple[str, str, int]
@@ -144,13 +159,14 @@ def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, s
             first = failures[0]
             verdict = ("failed", f"rank {first['rank']}: {first['failure']}" if size > 1 else first["failure"],
                        first["code"] or 1)
-        elif complete and uses_segments(opts.output, size, opts.encode, device.split(":")[0]):
+        elif complete and segmented:
             logger.info("phase: encode (joining the ranks' segments)")
             pause_point("encode", stop)  # test hook (MPISTYLE_PAUSE_AT)
             join_start = time.perf_counter()
             joined = join_output(segment_dir(opts.output), opts.output, setup.n_frames, setup.width, setup.height,
                                  Fraction(setup.fps_num, setup.fps_den), buffer.read,
-                                 audio_from=opts.input if setup.has_audio else None, crf=opts.crf, threads=threads)
+                                 audio_from=opts.input if setup.has_audio else None, crf=opts.crf,
+                                 threads=segment_threads(device.split(":")[0]))
             # rank 0's serial tail in segments mode: the bench's scaling model needs it per frame
             per_rank[0]["times"]["join"] = time.perf_counter() - join_start
             logger.info("joined %d segments (%d frames encoded by the ranks, %d by rank 0 from the buffer)",
@@ -158,7 +174,7 @@ def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, s
             verdict = ("done", "", 0)
         elif complete and sink is not None and sink.encoder is not None:
             if sink.encoded < setup.n_frames:
-                sink._commit()  # frames done before this run (resume) still need encoding
+                sink.finish_encoding()  # frames done before this run (resume) or committed last
             if sink.encoder is not None:
                 logger.info("phase: encode")
                 pause_point("encode", stop)  # test hook (MPISTYLE_PAUSE_AT)
@@ -194,8 +210,7 @@ def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, s
             encoder.abort()
         if buffer is not None:
             buffer.close()
-        if verdict[0] != "done":  # segments never outlive their run (the next one starts a fresh folder)
-            shutil.rmtree(segment_dir(opts.output), ignore_errors=True)
+        # A stopped or failed run keeps its finished segments: the rerun encodes only the missing blocks.
     t_start, t_work = clock
     elapsed = time.perf_counter() - t_start
     setup_s = t_work - t_start
@@ -225,13 +240,38 @@ def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, s
                       "events": p["events"]} for p in per_rank],
         "outcome": verdict[0],
     }
-    if verdict[0] == "done":
-        if not opts.keep_buffer:
-            try:
-                os.unlink(setup.buffer_path)
-            except OSError:
-                pass
+    if verdict[0] == "done" and not opts.keep_buffer:
+        remove_buffer(setup.buffer_path)
     return verdict, report
+
+
+def _encode_leftovers(comm: Any, msgr: Messenger, buffer: Any, setup: Setup, opts: StylizeOptions,
+                      device: str) -> None:
+    """Every rank encodes its share of the blocks no run covered whole, from the buffer (rank 0 says which)."""
+    todo: list[int] = []
+    if comm.Get_rank() == 0 and buffer is not None and not msgr.stop and buffer.complete():
+        todo = missing_blocks(segment_dir(opts.output), setup.n_frames)
+    todo = comm.bcast(todo, root=0)
+    mine = leftover_share(todo, comm.Get_rank(), comm.Get_size())
+    if mine:
+        from ..buffer import FrameBuffer
+
+        start = time.perf_counter()
+        reader = buffer if buffer is not None else FrameBuffer.open(setup.buffer_path, setup.n_frames, setup.height,
+                                                                      setup.width, setup.settings)
+        try:
+            encode_blocks(segment_dir(opts.output), mine, setup.n_frames, setup.width, setup.height,
+                          Fraction(setup.fps_num, setup.fps_den), reader.read, opts.crf,
+                          segment_threads(device.split(":")[0]))
+        except MpistyleError as exc:  # rank 0 encodes what is still missing before the join
+            logger.warning("rank %d: encoding blocks %s from the buffer failed (%s)", comm.Get_rank(), mine, exc)
+        finally:
+            if reader is not buffer:
+                reader.close()
+        logger.debug("rank %d: encoded leftover blocks %s in %.2f s", comm.Get_rank(), mine,
+                     time.perf_counter() - start)
+    barrier = comm.Ibarrier()  # rank 0 joins only once every rank's blocks are written
+    poll_until(barrier.Test)
 
 
 def _stop_signal(per_rank: list[dict[str, Any]], stop: StopFlag | None) -> str:

@@ -1,14 +1,13 @@
 """The rank worker: network, optical flow and temporal fusion over the rank's runs.
 
 Each rank first stylizes the frames its neighbours need as halo ("exports") and sends the raw
-network outputs; then for each run it warms up over the halo and stylizes, fuses and sends its
-own frames to rank 0.
+network outputs; then for each run it warms up over the halo and stylizes and fuses its own frames,
+which go to its own buffer store (and segment encoder): nothing but progress notes goes to rank 0.
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import time
 from collections import defaultdict, deque
 from typing import Any
@@ -18,26 +17,27 @@ import numpy as np
 from ..mpi import pause_point, poll_until
 from ..partition import Plan, RankPlan, Run
 from ..temporal import TemporalSettings
-from .comm import TAG_GIVE, TAG_HALO, TAG_OUT, TAG_REQ, Messenger, Stopped
-from .gather import Sink
+from .comm import TAG_GIVE, TAG_HALO, TAG_REQ, Messenger, Stopped
+from .gather import Progress, ProgressSender
 from .options import Setup
 from .scatter import Receiver, Scheduler, SourceSpool
+from .store import FrameStore
 
 MAX_EVENTS = 50_000
 
 
 class RankWorker:
-    """Stylize and fuse one rank's runs; send halo exports and finished frames."""
+    """Stylize and fuse one rank's runs; send halo exports; store finished frames; report progress."""
 
     def __init__(self, comm: Any, rp: RankPlan, plan: Plan, setup: Setup, stylizer: Any,
-                 temporal: TemporalSettings, spool: SourceSpool, msgr: Messenger, sink: Sink | None,
+                 temporal: TemporalSettings, spool: SourceSpool, msgr: Messenger, store: FrameStore,
                  batch: int, state_frames: dict[int, np.ndarray], t0: float, flow_workers: int = 1) -> None:
         from ..flowpool import FlowPool
         from ..fusion import make_backend
         from ..temporal import TemporalFuser
 
         self.comm, self.rp, self.plan, self.setup, self.stylizer = comm, rp, plan, setup, stylizer
-        self.temporal, self.spool, self.msgr, self.sink, self.batch = temporal, spool, msgr, sink, batch
+        self.temporal, self.spool, self.msgr, self.store, self.batch = temporal, spool, msgr, store, batch
         self.state_frames = state_frames
         self.shape = (setup.height, setup.width, 3)
         self.fbytes = int(np.prod(self.shape))
@@ -57,7 +57,8 @@ class RankWorker:
         self.emitted = 0
         self.segments: Any = None  # this rank's SegmentWriter when the output is encoded in segments
         self.pending: list[tuple[Any, np.ndarray]] = []  # in-flight sends and their buffers
-        self.sent = 0
+        # Ranks > 0 tell rank 0 how far they are (rank 0's sink reads this rank's progress directly).
+        self.progress_sender = ProgressSender(comm) if comm.Get_rank() != 0 else None
         self.times: dict[str, float] = defaultdict(float)
         self.events: list[tuple[str, float, float]] = []
         self.t0 = t0
@@ -67,6 +68,7 @@ class RankWorker:
         for t in sorted(rp.imports):
             buf = np.empty(self.shape, dtype=np.uint8)
             self.halo_reqs[t] = (comm.Irecv(buf, source=rp.imports[t], tag=TAG_HALO), buf)
+        self.counts["recv_bytes"] += len(rp.imports) * self.fbytes
 
     # -- driving ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -116,7 +118,13 @@ class RankWorker:
                     self._send(out, consumer, TAG_HALO)
             self._check_stop()
 
+    def progress(self) -> Progress:
+        return Progress(self.counts["network_frames"], self.emitted, self.store.committed())
+
     def _process_run(self, run: Run) -> None:
+        self.store.begin_run(run.start, run.stop)
+        if self.segments is not None:
+            self.segments.begin_run(run.start, run.stop)
         self.fuser.reset()
         if run.state_frame is not None:
             self.fuser.reset(prev_source=self._source(run.state_frame),
@@ -202,6 +210,8 @@ class RankWorker:
         out = self.stylizer(np.stack(sources))
         self._record("network", start)
         self.counts["network_frames"] += len(sources)
+        if self.progress_sender is not None:
+            self.progress_sender.maybe_send(self.progress)
         return out
 
     def _wait_pair(self, flows: _RunFlows | None, t: int) -> Any:
@@ -227,21 +237,10 @@ class RankWorker:
         start = time.perf_counter()
         if self.segments is not None:
             self.segments.put(t, out)
-        if self.sink is not None:  # rank 0 hands frames to its own sink thread
-            while True:
-                try:
-                    self.sink.local.put((t, np.ascontiguousarray(out)), timeout=0.05)
-                    break
-                except queue.Full:
-                    if self.msgr.interrupted() and not self.sink.is_alive():
-                        raise Stopped() from None
-        else:
-            msg = np.empty(8 + self.fbytes, dtype=np.uint8)
-            msg[:8].view(np.int64)[0] = t
-            msg[8:] = out.reshape(-1)
-            self._send_raw(msg, 0, TAG_OUT)
-            self.sent += 1
-        self._record("send", start, min_s=1e-3)
+        self.store.put(t, out)
+        if self.progress_sender is not None:
+            self.progress_sender.maybe_send(self.progress)
+        self._record("store", start, min_s=1e-3)
         if self.emitted == 1:
             pause_point("compute", self.msgr.stop)  # test hook (MPISTYLE_PAUSE_AT): hold mid-work for a signal
 
@@ -264,6 +263,8 @@ class RankWorker:
         for req, _ in self.pending:
             poll_until(req.Test)
         self.pending = []
+        if self.progress_sender is not None:
+            self.progress_sender.finish()
 
     def cancel_unmatched(self) -> None:
         for req, _ in self.halo_reqs.values():
