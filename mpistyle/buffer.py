@@ -11,7 +11,9 @@ still one logical HDF5 dataset, laid out as detector systems at light sources do
 The part files are the truth; the main file is a view rank 0 rewrites (atomically) whenever the set of
 parts changes: each frame maps to the part that holds it done, else to the part planned for it in this
 run (a part not created yet reads as fill: zeros, not done). Source paths are relative, so the folder
-can be moved. Readers open with ``locking=False`` (a writer holds its part open).
+can be moved. Every open uses ``locking=False``: a writer holds its part open while others read it
+(our own protocol says what is safe to read: committed frames), and HDF5 refuses to mix locking
+flags on one file within a process.
 
 Crash safety without SWMR or fsync-per-frame, per part as before per file:
 - every chunk of a part is allocated when the part is created (``ALLOC_TIME_EARLY``) and the space is
@@ -351,7 +353,7 @@ class PartWriter:
 
     def _reopen(self, height: int, width: int, digest: str) -> h5py.File:
         try:
-            f = h5py.File(self.path, "r+")
+            f = h5py.File(self.path, "r+", locking=False)
             if (f.attrs.get("settings_digest") == digest
                     and f["frames"].shape == (self.stop - self.first, height, width, 3)):
                 return f
@@ -365,7 +367,7 @@ class PartWriter:
         count = self.stop - self.first
         tmp = f"{self.path}.tmp-{os.getpid()}"
         try:
-            with h5py.File(tmp, "w") as f:
+            with h5py.File(tmp, "w", locking=False) as f:
                 dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
                 dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
                 dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
@@ -378,7 +380,7 @@ class PartWriter:
                 f.attrs["stop"] = self.stop
             _reserve(tmp)
             os.replace(tmp, self.path)
-            return h5py.File(self.path, "r+")
+            return h5py.File(self.path, "r+", locking=False)
         except OSError as exc:
             _unlink(tmp)
             raise _disk_error(exc, self.buffer_path) from None

@@ -91,6 +91,19 @@ def partition_bounds(n_frames: int, n_parts: int, align: int = 1) -> list[tuple[
     return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
+def balanced_bounds(done: Sequence[bool], n_parts: int) -> list[tuple[int, int]]:
+    """Contiguous parts covering every frame, each holding an equal share of the frames not done.
+
+    With nothing done this is ``partition_bounds``. After a kill the missing frames often sit at the
+    end of each old partition; cutting by them keeps every rank busy on a resume (pure).
+    """
+    n_frames = len(done)
+    todo = [t for t in range(n_frames) if not done[t]]
+    shares = partition_bounds(len(todo), n_parts)
+    cuts = [0] + [todo[a] if a < len(todo) else n_frames for a, _ in shares[1:]] + [n_frames]
+    return [(cuts[k], cuts[k + 1]) for k in range(n_parts)]
+
+
 def boundaries(n_frames: int, n_parts: int, align: int = 1) -> list[int]:
     """First frame of every non-empty partition after the first (where seams could appear)."""
     return [a for a, b in partition_bounds(n_frames, n_parts, align=align)[1:] if b > a > 0]
@@ -209,7 +222,10 @@ def make_plan(n_frames: int, n_ranks: int, halo: int, done: Sequence[bool] | Non
     if len(done) != n_frames:
         raise ValueError("done mask length differs from frame count")
     anchors = Anchors(every=max(1, every), lead=min(max(0, halo), max(1, every) - 1)) if temporal else None
-    bounds = partition_bounds(n_frames, n_parts=n_ranks, align=anchors.every if anchors and align else 1)
+    if align and anchors:
+        bounds = partition_bounds(n_frames, n_parts=n_ranks, align=anchors.every)
+    else:  # a resume shares the frames still to do evenly, wherever they are (a fresh run: equal parts)
+        bounds = balanced_bounds(done, n_ranks)
     plans = [RankPlan(rank=r, bounds=bounds[r]) for r in range(n_ranks)]
     for rp in plans:
         a0, b0 = rp.bounds

@@ -92,12 +92,25 @@ def test_plan_resume_starts_exactly_from_stored_frames() -> None:
         done[t] = True
     plan = make_plan(30, 2, halo=5, done=done)
     r0, r1 = plan.ranks
-    assert [(r.start, r.stop, r.init, r.state_frame) for r in r0.runs] == [(4, 10, "buffer", 3), (13, 15, "buffer", 12)]
-    # rank 1 starts at 15; frame 14 is not done but 12 is: warm up exactly from the stored frame 12
-    assert [(r.start, r.init, r.warm_start, r.state_frame) for r in r1.runs] == [(15, "halo", 13, 12)]
-    assert r1.imports == {13: 0, 14: 0}
+    # the 23 frames to do are shared 12 / 11: the cut falls at frame 19
+    assert [rp.bounds for rp in plan.ranks] == [(0, 19), (19, 30)]
+    assert [(r.start, r.stop, r.init, r.state_frame) for r in r0.runs] == [(4, 10, "buffer", 3), (13, 19, "buffer", 12)]
+    # rank 1 starts at 19; frames 13-18 are not done but 12 is: warm up exactly from the stored frame 12
+    assert [(r.start, r.init, r.warm_start, r.state_frame) for r in r1.runs] == [(19, "halo", 13, 12)]
+    assert r1.imports == {t: 0 for t in range(13, 19)}
     assert r1.buffer_frames() == [12] and r1.source_frames()[0] == 12
     assert plan.n_todo == 30 - 7
+
+
+def test_resume_shares_the_missing_frames_between_the_ranks() -> None:
+    """Killed near the end: the missing frames sit at the end of each old partition. The new plan gives
+    every rank an equal share of them instead of reusing the old bounds (which left rank 0 idle)."""
+    done = [t < 30 or 38 <= t < 62 for t in range(75)]  # 2 ranks were at frames 30 and 62
+    assert [len(rp.todo) for rp in make_plan(75, 2, halo=10, done=done).ranks] == [11, 10]
+    done = [t < 62 for t in range(75)]
+    plan = make_plan(75, 2, halo=10, done=done)
+    assert [len(rp.todo) for rp in plan.ranks] == [7, 6]
+    assert make_plan(75, 2, halo=10).ranks[0].bounds == (0, 38)  # a fresh run: equal parts as before
 
 
 def test_plan_resume_warms_up_where_the_stored_output_is_not_the_whole_state() -> None:

@@ -87,8 +87,7 @@ def shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, store: Frame
     poll_until(barrier.Test)
     if rank == 0 and buffer is not None:
         buffer.rescan()  # the parts are closed: their done flags are the truth
-    if segmented:
-        _encode_leftovers(comm, msgr, buffer, setup, opts, device)
+    leftover_frames, leftover_s = _encode_leftovers(comm, msgr, buffer, setup, opts, device) if segmented else (0, 0.0)
     # Only now a stall means a vanished peer: before the barrier a rank may rightly wait for slower
     # ranks still at work, and after the gather only rank 0 works (encoding) while the others wait.
     watchdog = Watchdog(comm, rank)
@@ -108,7 +107,11 @@ def shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, store: Frame
         if worker is not None and worker.segments is not None:
             times["segment_encode"] = worker.segments.encode_s
             counts["segments"] = len(worker.segments.finished)
+            counts["segment_frames"] = sum(count for _, count in worker.segments.finished)
             counts["segment_failures"] = worker.segments.failures
+        if segmented:
+            counts["leftover_frames"] = leftover_frames
+            times["leftover_encode"] = leftover_s
         if store is not None:
             times["write"] = store.write_s
         if sink is not None:
@@ -169,8 +172,11 @@ def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, s
                                  threads=segment_threads(device.split(":")[0]))
             # rank 0's serial tail in segments mode: the bench's scaling model needs it per frame
             per_rank[0]["times"]["join"] = time.perf_counter() - join_start
-            logger.info("joined %d segments (%d frames encoded by the ranks, %d by rank 0 from the buffer)",
-                        joined["segments"], joined["frames_from_ranks"], joined["frames_encoded_on_rank0"])
+            streamed = sum(p["counts"].get("segment_frames", 0) for p in per_rank)
+            leftover = sum(p["counts"].get("leftover_frames", 0) for p in per_rank)
+            logger.info("joined %d segments: %d frames encoded as they were computed, %d from the buffer by "
+                        "the ranks, %d by rank 0 at the join", joined["segments"], streamed, leftover,
+                        joined["frames_encoded_on_rank0"])
             verdict = ("done", "", 0)
         elif complete and sink is not None and sink.encoder is not None:
             if sink.encoded < setup.n_frames:
@@ -246,21 +252,23 @@ def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, s
 
 
 def _encode_leftovers(comm: Any, msgr: Messenger, buffer: Any, setup: Setup, opts: StylizeOptions,
-                      device: str) -> None:
-    """Every rank encodes its share of the blocks no run covered whole, from the buffer (rank 0 says which)."""
+                      device: str) -> tuple[int, float]:
+    """Every rank encodes its share of the blocks no run covered whole, from the buffer (rank 0 says which).
+
+    Returns the frames this rank encoded and the time it took."""
     todo: list[int] = []
     if comm.Get_rank() == 0 and buffer is not None and not msgr.stop and buffer.complete():
         todo = missing_blocks(segment_dir(opts.output), setup.n_frames)
     todo = comm.bcast(todo, root=0)
     mine = leftover_share(todo, comm.Get_rank(), comm.Get_size())
+    encoded, start = 0, time.perf_counter()
     if mine:
         from ..buffer import FrameBuffer
 
-        start = time.perf_counter()
         reader = buffer if buffer is not None else FrameBuffer.open(setup.buffer_path, setup.n_frames, setup.height,
                                                                       setup.width, setup.settings)
         try:
-            encode_blocks(segment_dir(opts.output), mine, setup.n_frames, setup.width, setup.height,
+            encoded = encode_blocks(segment_dir(opts.output), mine, setup.n_frames, setup.width, setup.height,
                           Fraction(setup.fps_num, setup.fps_den), reader.read, opts.crf,
                           segment_threads(device.split(":")[0]))
         except MpistyleError as exc:  # rank 0 encodes what is still missing before the join
@@ -270,8 +278,10 @@ def _encode_leftovers(comm: Any, msgr: Messenger, buffer: Any, setup: Setup, opt
                 reader.close()
         logger.debug("rank %d: encoded leftover blocks %s in %.2f s", comm.Get_rank(), mine,
                      time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
     barrier = comm.Ibarrier()  # rank 0 joins only once every rank's blocks are written
     poll_until(barrier.Test)
+    return encoded, elapsed
 
 
 def _stop_signal(per_rank: list[dict[str, Any]], stop: StopFlag | None) -> str:

@@ -52,6 +52,7 @@ class RankWorker:
                               method=temporal.flow_method, preset=temporal.flow_preset,
                               on_pair=lambda start: self._record("flow", start)) if self.flow_mode else None
         self.cache: dict[int, np.ndarray] = {}  # raw network outputs of exported frames
+        self.exported: set[int] = set()
         self.local_halo = False
         self.awaiting_chunk = False
         self.emitted = 0
@@ -72,7 +73,12 @@ class RankWorker:
 
     # -- driving ------------------------------------------------------------------------------
     def run(self) -> None:
-        self._stylize_exports()
+        # A rank that warms up from its neighbour's frames must wait for them anyway: it first stylizes
+        # what its own neighbours need. A rank that waits for no one (rank 0) sends each export as its
+        # run reaches it, so its frames are fused and committed from the start (an honest progress bar,
+        # and a kill keeps work in proportion to the time spent).
+        if self.rp.imports:
+            self._stylize_exports()
         for run in self.rp.runs:
             self._process_run(run)
 
@@ -114,9 +120,15 @@ class RankWorker:
             outs = self._network([self._source(t) for t in group])
             for t, out in zip(group, outs, strict=True):
                 self.cache[t] = out
-                for consumer in self.rp.exports[t]:
-                    self._send(out, consumer, TAG_HALO)
+                self._export(t, out)
             self._check_stop()
+
+    def _export(self, t: int, out: np.ndarray) -> None:
+        """Send frame t's raw network output to the ranks that warm up over it (once)."""
+        if t in self.rp.exports and t not in self.exported:
+            self.exported.add(t)
+            for consumer in self.rp.exports[t]:
+                self._send(out, consumer, TAG_HALO)
 
     def progress(self) -> Progress:
         return Progress(self.counts["network_frames"], self.emitted, self.store.committed())
@@ -168,6 +180,8 @@ class RankWorker:
             group = frames[i:i + self.batch]
             todo = [t for t in group if t not in self.cache]
             outs = dict(zip(todo, self._network([self._source(t) for t in todo]), strict=True)) if todo else {}
+            for t, out in outs.items():
+                self._export(t, out)
             for t in group:
                 stylized = self.cache.pop(t) if t in self.cache else outs[t]
                 pair = self._wait_pair(flows, t)
