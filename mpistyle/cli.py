@@ -125,6 +125,10 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
                         "of unequal speed; chunks start at fusion anchors and re-stylize their --halo lead frames)")
     g.add_argument("--chunks", type=_positive_int, default=None,
                    help="number of chunks for --schedule dynamic (default 4 per rank)")
+    g.add_argument("--decode", choices=("rank0", "each"), default="rank0",
+                   help="rank0 (default): rank 0 decodes the video once and sends every rank its frames; each: "
+                        "every rank decodes its own partition with a frame-exact seek (no frames over MPI; "
+                        "pays off for large frames on a shared file system; static schedule only)")
     g.add_argument("--scratch", default=None,
                    help="directory for each rank's spool of source frames (default $TMPDIR)")
     g = p.add_argument_group("buffer and output")
@@ -135,8 +139,9 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crf", type=int, default=18, help="x264 quality (lower = better, default 18)")
     g.add_argument("--encode", choices=("auto", "rank0", "segments"), default="auto",
                    help="segments: every rank encodes its own frames and rank 0 joins them; rank0: one encoder on "
-                        "rank 0, in frame order (the N-rank video is then byte-identical to the 1-rank one); "
-                        "auto (default): segments for H.264 outputs on more than one GPU rank, else rank0")
+                        "rank 0, in frame order; both give the same bytes for any rank count (segments: "
+                        "cut every 64 frames). auto (default): segments for H.264 outputs on more than one "
+                        "rank, else rank0")
     g.add_argument("--report", default=None, help="write a JSON report (timings per rank, frames/s) here")
     g.add_argument("--metrics", action="store_true",
                    help="after encoding, measure the warping error (overall, at partition boundaries, interior) "
@@ -169,7 +174,7 @@ def _stylize_options(args: argparse.Namespace) -> object:
         width=args.width, height=args.height, scale=args.scale, device=args.device, precision=args.precision,
         batch=args.batch or 0, buffer=args.buffer, restart=args.restart, keep_buffer=args.keep_buffer,
         threads=args.threads, scratch=args.scratch, chunk=args.chunk, schedule=args.schedule,
-        chunks=args.chunks or 0, crf=args.crf, encode=args.encode, report=args.report,
+        chunks=args.chunks or 0, crf=args.crf, encode=args.encode, decode=args.decode, report=args.report,
         progress=not args.no_progress, fps=args.fps)
 
 

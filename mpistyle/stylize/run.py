@@ -14,7 +14,7 @@ from ..partition import RankPlan, make_plan
 from .comm import Messenger, Stopped, describe
 from .gather import Sink
 from .options import Setup, StylizeOptions, chunk_list
-from .scatter import Decoder, Receiver, Scheduler, SourceSpool
+from .scatter import Decoder, LocalDecoder, Receiver, Scheduler, SourceSpool
 from .segments import SegmentWriter, prepare_segment_dir, segment_dir, segment_threads, uses_segments
 from .setup import Validated, collective, open_buffer_on_root, read_state_frames, validate_on_root
 from .shutdown import shutdown
@@ -81,6 +81,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     t_work = time.perf_counter()  # all ranks leave the setup collective together: a shared time origin
     temporal_on = opts.temporal.mode != "none"
     dynamic = opts.schedule == "dynamic"
+    local_decode = opts.decode == "each"  # validated on rank 0: static schedule only
     n_parts = (opts.chunks or 4 * size) if dynamic else size
     # Dynamic chunks start at anchors, so each warms up over the lead only (see partition.py).
     plan = make_plan(setup.n_frames, n_parts, opts.halo, done=list(setup.done), temporal=temporal_on,
@@ -127,9 +128,15 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
             sink = Sink(comm, buffer, encoder, setup, plan, msgr, opts.progress)
             if dynamic:
                 scheduler = sink.scheduler = Scheduler(plan, buffer)
+            threads_started.append(sink)
+        if local_decode:  # every rank reads its own frames (a frame-exact seek); nothing is scattered
+            decoder = LocalDecoder(opts.input, (setup.width, setup.height), rp.source_frames(), spool, msgr,
+                                   info=checked.info)
+            threads_started.append(decoder)
+        elif rank == 0:
             decoder = Decoder(comm, opts.input, (setup.width, setup.height), plan, opts.chunk, spool, msgr,
                               scheduler=scheduler, info=checked.info)
-            threads_started += [sink, decoder]
+            threads_started.append(decoder)
         else:
             receiver = Receiver(comm, chunk_list(rp.source_frames(), opts.chunk), spool, msgr, dynamic=dynamic,
                                 chunk=opts.chunk)

@@ -4,6 +4,7 @@
 - :class:`Receiver` (ranks > 0, a thread): receive chunks into the rank's :class:`SourceSpool`.
 - :class:`SourceSpool`: a rank's source frames in an unlinked scratch file (memory stays bounded).
 - :class:`Scheduler` (dynamic schedule, rank 0): hands out contiguous chunks to whoever asks.
+- :class:`LocalDecoder` (``--decode each``, every rank): decode only the rank's own frames, with a seek.
 """
 
 from __future__ import annotations
@@ -257,6 +258,52 @@ class Decoder(ReportingThread):
                     if req is not None:
                         poll_until(req.Test)
                 st["reqs"], st["bufs"] = [None, None], [None, None]
+
+
+class LocalDecoder(ReportingThread):
+    """``--decode each``: this rank decodes its own source frames (warm-up and runs) into its spool.
+
+    Each contiguous range is read with a frame-exact seek (``decode_range``), so no frame crosses MPI
+    and no rank decodes the frames before its partition.
+    """
+
+    def __init__(self, input_path: str, size: tuple[int, int], frames: Sequence[int], spool: SourceSpool,
+                 msgr: Messenger, info: Any) -> None:
+        super().__init__(name="mpistyle-decoder", daemon=True)
+        self.input_path, self.size, self.frames, self.spool, self.msgr, self.info = \
+            input_path, size, list(frames), spool, msgr, info
+        self.decode_s = 0.0
+        self.frames_decoded = 0
+
+    def _run(self) -> None:
+        from ..seek import decode_range
+
+        for first, count in contiguous_ranges(self.frames):
+            frames = decode_range(self.input_path, first, count, size=self.size, info=self.info)
+            try:
+                start = time.perf_counter()
+                for frame in frames:
+                    self.decode_s += time.perf_counter() - start
+                    self.spool.append(frame[None])
+                    self.frames_decoded += 1
+                    if self.msgr.stop:
+                        return
+                    start = time.perf_counter()
+            finally:
+                close = getattr(frames, "close", None)
+                if close is not None:
+                    close()
+
+
+def contiguous_ranges(frames: Sequence[int]) -> list[tuple[int, int]]:
+    """(first, count) of each run of consecutive frame numbers, in order (pure)."""
+    out: list[tuple[int, int]] = []
+    for t in frames:
+        if out and out[-1][0] + out[-1][1] == t:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((t, 1))
+    return out
 
 
 class Scheduler:

@@ -66,6 +66,8 @@ def validate_on_root(opts: StylizeOptions) -> Validated:
                             f"its own rate ({info.fps} fps)")
     validate_output(opts.input, opts.output)
     uses_segments(opts.output, 1, opts.encode)  # a bad --encode for this output fails here, once
+    if opts.decode == "each" and opts.schedule == "dynamic":
+        raise MpistyleError("--decode each needs --schedule static (dynamic chunks are decoded by rank 0)")
     width, height = output_size(info, width=opts.width, height=opts.height, scale=opts.scale)
     return Validated(info=info, width=width, height=height, model_path=resolve_model(opts.model))
 

@@ -27,7 +27,7 @@ from ..partition import Plan
 from .comm import TAG_FIN, TAG_GIVE, Messenger
 from .gather import Sink
 from .options import Setup, StylizeOptions
-from .scatter import Decoder, Receiver
+from .scatter import Decoder, LocalDecoder, Receiver
 from .segments import encode_blocks, join_output, leftover_share, missing_blocks, segment_dir, segment_threads
 from .store import FrameStore
 from .worker import RankWorker
@@ -56,8 +56,8 @@ class Watchdog:
 
 
 def shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, store: FrameStore | None,
-              receiver: Receiver | None, decoder: Decoder | None, sink: Sink | None, buffer: Any, encoder: Any,
-              setup: Setup, plan: Plan, opts: StylizeOptions, threads: int, device: str, precision: str,
+              receiver: Receiver | None, decoder: Decoder | LocalDecoder | None, sink: Sink | None, buffer: Any,
+              encoder: Any, setup: Setup, plan: Plan, opts: StylizeOptions, threads: int, device: str, precision: str,
               clock: tuple[float, float], segmented: bool) -> dict[str, Any]:
     rank, size = comm.Get_rank(), comm.Get_size()
     if msgr.stop:
@@ -71,11 +71,11 @@ def shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, store: Frame
         if worker.awaiting_chunk:  # collect rank 0's answer so its send completes
             if poll_until(lambda: comm.iprobe(source=0, tag=TAG_GIVE), timeout=60):
                 comm.recv(source=0, tag=TAG_GIVE)
+    if decoder is not None and decoder.is_alive():
+        decoder.join()
     if rank != 0:
         comm.send(worker.progress().as_message() if worker is not None else (0, 0, {}), dest=0, tag=TAG_FIN)
     else:
-        if decoder is not None and decoder.is_alive():
-            decoder.join()
         if sink is not None:
             sink.local_done.set()
             if sink.is_alive():
