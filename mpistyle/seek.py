@@ -249,13 +249,15 @@ def _attempt(path: str, first: int, count: int, w: int, h: int, scale: str, fps:
                 why = "no showinfo line for a frame"
                 break
             pts, key = entry
-            if done == 0 and not (key_seen or key):
-                # No keyframe at or before ``first``: decoding began after it (open-GOP leading pictures).
-                return 0, True
             if err.time_base != tb or pts is None:
                 why = f"time base {err.time_base} (frame 0: {tb}), pts {pts}"
                 break
             index = (pts - pts0) / slot
+            if done == 0 and (round(index) > first or not (key_seen or key)):
+                # Decoding began after ``first`` (the demuxer found no keyframe early enough, or only
+                # open-GOP leading pictures decoded from the next one): a wider margin may do.
+                logger.debug("%s: seek with a margin of %d frames landed after frame %d", path, margin, first)
+                return 0, True
             if round(index) != first + done or abs(index - round(index)) > Fraction(1, 4):
                 why = f"frame at pts {pts} is index {float(index):.2f}, expected {first + done}"
                 break
