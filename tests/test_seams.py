@@ -55,12 +55,17 @@ def _stylize(clip: Path, out: Path, ranks: int, *extra: str, env: dict | None = 
 
 
 @pytest.fixture(scope="module")
-def reference(clip, tmp_path_factory) -> np.ndarray:
+def reference_run(clip, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "n1.mp4"
-    _stylize(clip, out, 1)
+    _stylize(clip, out, 1, "--encode", "segments")
     report = json.loads(Path(str(out) + ".json").read_text())
     assert report["per_rank"][0]["counts"].get("scene_cuts", 0) >= len(CUTS)  # the cuts are real cuts
-    return _frames(Path(str(out) + ".mpistyle.h5"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> np.ndarray:
+    return _frames(Path(str(reference_run) + ".mpistyle.h5"))
 
 
 def _assert_same(reference: np.ndarray, frames: np.ndarray) -> None:
@@ -88,16 +93,22 @@ def test_dynamic_schedule_equals_one_rank(clip, reference, tmp_path) -> None:
     assert sum(r["counts"].get("halo_network_frames", 0) for r in report["per_rank"]) == 10
 
 
-def test_resume_with_another_rank_count_equals_one_rank(clip, reference, tmp_path) -> None:
+def test_resume_with_another_rank_count_equals_one_rank(clip, reference, reference_run, tmp_path) -> None:
     """A run that fails inside the lead window of anchor 64 resumes on 3 ranks: the stored outputs
-    there are not the whole state, so the resumed runs warm up from the chain start instead."""
+    there are not the whole state, so the resumed runs warm up from the chain start instead. The
+    frames and the encoded segments (block [0, 64) was already encoded by rank 0) equal 1 rank's."""
     out = tmp_path / "resumed.mp4"
     proc = _stylize(clip, out, 2, env={"MPISTYLE_FAULT": "1:58:raise"}, check=False)
     assert proc.returncode != 0
     with h5py.File(str(out) + ".mpistyle.h5", "r") as f:
         done = f["done"][...]
-    # Rank 1 emitted 38..57 before its fault at 58, and rank 0 receives all it emitted. Rank 0's
+    # Rank 1 stored 38..57 before its fault at 58 (its part is committed on the way out). Rank 0's
     # own partition may be part done: a failure on any rank stops every rank's work.
     assert done[38:58].all() and not done[58:].any()
     _stylize(clip, out, 3)
-    _assert_same(reference, _frames(Path(str(out) + ".mpistyle.h5")))
+    buffer = Path(str(out) + ".mpistyle.h5")
+    _assert_same(reference, _frames(buffer))
+    with h5py.File(buffer, "r") as f:  # one logical dataset over the parts of both runs
+        assert f["frames"].is_virtual and len(f["frames"].virtual_sources()) >= 3
+    assert len(list(Path(str(buffer) + ".parts").glob("frames-*.h5"))) >= 3
+    assert out.read_bytes() == reference_run.read_bytes()

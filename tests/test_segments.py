@@ -149,10 +149,11 @@ HALF = ["--scale", "0.5", "--threads", "1"]
 
 @pytest.fixture(scope="module")
 def sample_segment_runs(tmp_path_factory, model_args) -> dict:
-    """The 75-frame sample (2 blocks) with --encode segments on 1, 2 and 3 ranks (3: dynamic chunks)."""
+    """The 75-frame sample (2 blocks) with --encode segments on 1, 2 and 3 ranks (2: every rank decodes its
+    own frames with a seek; 3: dynamic chunks)."""
     tmp = tmp_path_factory.mktemp("seg")
     runs = {}
-    for ranks, extra in ((1, []), (2, []), (3, ["--schedule", "dynamic", "--chunks", "5"])):
+    for ranks, extra in ((1, []), (2, ["--decode", "each"]), (3, ["--schedule", "dynamic", "--chunks", "5"])):
         out = tmp / f"n{ranks}.mp4"
         report = tmp / f"n{ranks}.json"
         run_mpistyle(["stylize", str(SAMPLE), "-o", str(out), *model_args, *HALF, "--encode", "segments",
