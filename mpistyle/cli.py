@@ -213,7 +213,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import losses, metrics, train
+    from . import metrics
+    from .training import losses, train
 
     parser = _Parser(
         prog="mpistyle",

@@ -352,7 +352,7 @@ def test_mpi_train_stopped_during_startup_saves_a_checkpoint_and_exits_75(tmp_pa
                                                                           sig: signal.Signals) -> None:
     """`mpistyle train` keeps its stop path: a signal before torch is even imported still ends in a
     checkpoint and exit 75 (the ranks agree after the first step)."""
-    from mpistyle.train import load_checkpoint
+    from mpistyle.training.train import load_checkpoint
 
     model = tmp_path / "m.pth"
     run = MpiRun(tmp_path / "train.log",
