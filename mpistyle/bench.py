@@ -312,7 +312,7 @@ def measure_flow(video: str, cpus: int, pairs: int = 24, frames: int = 8) -> dic
     """
     import cv2
 
-    from .flowpool import measure_pairs_per_s
+    from .temporal.flowpool import measure_pairs_per_s
 
     clip = _first_frames(video, frames)
     before = cv2.getNumThreads()
@@ -335,10 +335,10 @@ def measure_fusion(video: str, device: str, frames: int = 8, repeat: int = 3) ->
     """
     import torch
 
-    from .flow import FlowEstimator, pair_flow, to_gray
-    from .fusion import NumpyFusion
-    from .fusion_torch import TorchFusion
     from .mpi import select_device
+    from .temporal.flow import FlowEstimator, pair_flow, to_gray
+    from .temporal.kernels import NumpyFusion
+    from .temporal.kernels_torch import TorchFusion
 
     clip = _first_frames(video, frames)
     est = FlowEstimator()

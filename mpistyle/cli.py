@@ -154,7 +154,7 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
 
 def _stylize_options(args: argparse.Namespace) -> object:
     from .stylize import StylizeOptions
-    from .temporal import TemporalSettings
+    from .temporal.chains import TemporalSettings
 
     base = TemporalSettings()
     temporal = TemporalSettings(

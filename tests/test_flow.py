@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from mpistyle.errors import MpistyleError
-from mpistyle.flow import FlowEstimator, certainty_mask, pair_flow, to_gray, warp
 from mpistyle.metrics import psnr
+from mpistyle.temporal.flow import FlowEstimator, certainty_mask, pair_flow, to_gray, warp
 from mpistyle.video import iter_frames, read_all
 
 from .conftest import BBB, CARPHONE, DATA

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..temporal import TemporalSettings
+from ..temporal.chains import TemporalSettings
 
 
 @dataclass

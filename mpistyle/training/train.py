@@ -573,7 +573,7 @@ class Trainer:
 
 def _have_flow() -> bool:
     try:
-        from mpistyle import flow  # noqa: F401
+        from mpistyle.temporal import flow  # noqa: F401
     except ImportError:
         return False
     return hasattr(flow, "FlowEstimator") and hasattr(flow, "to_gray")
