@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from mpistyle.errors import MpistyleError
+from mpistyle.io.media import iter_frames, read_all
 from mpistyle.temporal.flow import FlowEstimator, pair_flow, to_gray
 from mpistyle.temporal.flowpool import FlowPool, measure_pairs_per_s
-from mpistyle.video import iter_frames, read_all
 
 from .conftest import CARPHONE, DATA
 

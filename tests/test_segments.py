@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from mpistyle.errors import MpistyleError
+from mpistyle.io.ffmpeg import ffmpeg_exe
+from mpistyle.io.media import probe, read_all
 from mpistyle.metrics import psnr
 from mpistyle.stylize.segments import (
     SegmentWriter,
@@ -23,7 +25,6 @@ from mpistyle.stylize.segments import (
     tile,
     uses_segments,
 )
-from mpistyle.video import ffmpeg_exe, probe, read_all
 
 from .conftest import BBB, CARPHONE, run_mpistyle
 

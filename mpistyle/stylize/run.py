@@ -98,7 +98,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
         state_frames = distribute_state_frames(comm, plan, setup, rp) if not dynamic else {}
         if rank == 0:
             from ..buffer import FrameBuffer
-            from ..video import open_writer
+            from ..io.media import open_writer
 
             buffer = FrameBuffer.open(setup.buffer_path, setup.n_frames, setup.height, setup.width,
                                       setup.settings)

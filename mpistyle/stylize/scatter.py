@@ -147,7 +147,7 @@ class Decoder(ReportingThread):
         self.frames_decoded = 0
 
     def _run_dynamic(self) -> None:
-        from ..video import iter_frames
+        from ..io.media import iter_frames
 
         scheduler = self.scheduler
         assert scheduler is not None
@@ -201,7 +201,7 @@ class Decoder(ReportingThread):
             self._run_static()
 
     def _run_static(self) -> None:
-        from ..video import iter_frames
+        from ..io.media import iter_frames
 
         if self.last_needed < 0:
             return

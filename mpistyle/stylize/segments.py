@@ -184,7 +184,7 @@ class SegmentWriter(threading.Thread):
             self._queue.get_nowait()
 
     def _open(self, first: int) -> Any:
-        from ..video import VideoEncoder
+        from ..io.encode import VideoEncoder
 
         factory = self._factory or VideoEncoder
         path = os.path.join(self.directory, f"seg-{first:09d}.partial.mp4")
@@ -219,7 +219,7 @@ def join_output(directory: str, output: str, n_frames: int, width: int, height: 
     Returns how many frames came from the ranks' segments and how many rank 0 encoded itself.
     Raises MpistyleError (the buffer is untouched, so a rerun only encodes).
     """
-    from ..video import VideoEncoder, join_segments
+    from ..io.encode import VideoEncoder, join_segments
 
     pieces = tile(finished_segments(directory), n_frames)
     paths = []
