@@ -91,7 +91,7 @@ def input_fingerprint(path: str) -> str:
 
 
 def validate_output(input_path: str, output: str) -> None:
-    """Video (.mp4/.m4v/.mov/.mkv/.webm) or PNG sequence output that can be written (``video.check_output``)."""
+    """Video (.mp4/.m4v/.mov/.mkv/.webm) or PNG sequence output that can be written (``io.media.check_output``)."""
     from ..io.media import check_output
 
     check_output(input_path, output)
