@@ -17,7 +17,7 @@ PACKAGE = ROOT / "mpistyle"
 
 # Lower layers, and what they must never import (the layers above them).
 LOWER = ("mpistyle.io", "mpistyle.temporal", "mpistyle.training")
-UPPER = ("mpistyle.stylize", "mpistyle.cli", "mpistyle.bench", "mpistyle.report")
+UPPER = ("mpistyle.stylize", "mpistyle.cli", "mpistyle.bench", "mpistyle.report", "mpistyle.metrics")
 VIDEO_FILES = ("mpistyle.io.ffmpeg", "mpistyle.io.probe", "mpistyle.io.decode", "mpistyle.io.encode")
 
 
