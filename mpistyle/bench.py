@@ -138,7 +138,7 @@ def _find_mpiexec(explicit: str | None) -> str:
 
 def cut_video(path: str, frames: int, directory: str) -> str:
     """The first ``frames`` frames of ``path`` as a new near-lossless H.264 file (audio dropped)."""
-    from .video import ffmpeg_exe
+    from .io.ffmpeg import ffmpeg_exe
 
     out = os.path.join(directory, f"clip-{frames}.mp4")
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-i", path,
@@ -174,10 +174,10 @@ def measure_forward(video: str, model_path: str, device: str, precision: str, th
     """
     import torch
 
+    from .io.media import iter_frames
     from .metrics import psnr
     from .models import Stylizer, load_model, resolve_precision
     from .mpi import configure_threads, select_device
-    from .video import iter_frames
 
     configure_threads(threads)
     dev = torch.device(select_device(device, 0))
@@ -292,7 +292,7 @@ def _compare_precision(model: Any, dev: Any, dtype: Any, frames: np.ndarray, psn
 
 
 def _first_frames(video: str, n: int) -> list[np.ndarray]:
-    from .video import iter_frames
+    from .io.media import iter_frames
 
     stream = iter_frames(video)
     try:
@@ -312,7 +312,7 @@ def measure_flow(video: str, cpus: int, pairs: int = 24, frames: int = 8) -> dic
     """
     import cv2
 
-    from .flowpool import measure_pairs_per_s
+    from .temporal.flowpool import measure_pairs_per_s
 
     clip = _first_frames(video, frames)
     before = cv2.getNumThreads()
@@ -335,10 +335,10 @@ def measure_fusion(video: str, device: str, frames: int = 8, repeat: int = 3) ->
     """
     import torch
 
-    from .flow import FlowEstimator, pair_flow, to_gray
-    from .fusion import NumpyFusion
-    from .fusion_torch import TorchFusion
     from .mpi import select_device
+    from .temporal.flow import FlowEstimator, pair_flow, to_gray
+    from .temporal.kernels import NumpyFusion
+    from .temporal.kernels_torch import TorchFusion
 
     clip = _first_frames(video, frames)
     est = FlowEstimator()
@@ -887,8 +887,8 @@ def _check_writable(path: str | None, what: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``mpistyle bench``: print the tables; write the JSON."""
+    from .io.media import probe
     from .models import resolve_model
-    from .video import probe
 
     if _mpi_size_from_env() > 1:
         raise MpistyleError("run `mpistyle bench` as a plain process, not under mpiexec: it starts mpiexec "

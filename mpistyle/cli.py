@@ -44,7 +44,7 @@ def _sequence_fps(text: str) -> object:
     """--fps: a positive rate, exact (29.97 -> 30000/1001, 24000/1001 as given)."""
     from fractions import Fraction
 
-    from .video import snap_fps
+    from .io.probe import snap_fps
 
     try:
         value = Fraction(text)
@@ -150,7 +150,7 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
                    help="write PNG plots here: per-frame warping error with partition boundaries, per-rank "
                         "timeline of the phases, source/stylized strip (implies --metrics)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
-    # Image sequences (video.py/sequence.py): INPUT and -o may be a frame pattern or a folder.
+    # Image sequences (io/media.py, io/sequence.py): INPUT and -o may be a frame pattern or a folder.
     g = p.add_argument_group("image sequences")
     g.add_argument("--fps", type=_sequence_fps, default=None,
                    help="frame rate of an image sequence INPUT (frames/%%04d.png or a folder of PNG/JPEG "
@@ -159,7 +159,7 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
 
 def _stylize_options(args: argparse.Namespace) -> object:
     from .stylize import StylizeOptions
-    from .temporal import TemporalSettings
+    from .temporal.chains import TemporalSettings
 
     base = TemporalSettings()
     temporal = TemporalSettings(
@@ -218,7 +218,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import losses, metrics, train
+    from . import metrics
+    from .training import losses, train
 
     parser = _Parser(
         prog="mpistyle",

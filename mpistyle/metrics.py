@@ -26,10 +26,10 @@ import cv2
 import numpy as np
 
 from mpistyle.errors import MpistyleError
-from mpistyle.flow import FLOW_METHODS, FlowEstimator, certainty_mask, to_gray, warp
+from mpistyle.io.media import iter_frames
 from mpistyle.partition import DEFAULT_ANCHOR_EVERY
 from mpistyle.partition import boundaries as partition_boundaries
-from mpistyle.video import iter_frames
+from mpistyle.temporal.flow import FLOW_METHODS, FlowEstimator, certainty_mask, to_gray, warp
 
 logger = logging.getLogger(__name__)
 

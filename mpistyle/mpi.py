@@ -1,6 +1,6 @@
 """MPI plumbing: world setup, local rank, threads and device per rank, polling waits, stop flag.
 
-MPI is confined here and in ``stylize/``/``train.py``. Waits are polling loops (Test + short
+MPI is confined here and in ``stylize/``/``training/train.py``. Waits are polling loops (Test + short
 sleep) rather than blocking calls: MPICH's blocking waits spin a core, which would steal the
 core from the network on a one-core-per-rank layout, and a polling loop can notice a stop request.
 """

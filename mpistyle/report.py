@@ -193,7 +193,7 @@ def _pick(frames: Iterable[np.ndarray], wanted: Sequence[int]) -> dict[int, np.n
 def plot_strip(source_path: str, stylized_path: str, path: str, frames: Sequence[int] | None = None,
                n: int = 4) -> None:
     """Source frames (top row) above the same frames stylized (bottom row); evenly spaced by default."""
-    from .video import iter_frames, probe
+    from .io.media import iter_frames, probe
 
     plt = _pyplot()
     total = min(probe(source_path).n_frames, probe(stylized_path).n_frames)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpistyle.video import ffmpeg_exe
+from mpistyle.io.ffmpeg import ffmpeg_exe
 
 from .conftest import BBB, run_mpistyle
 

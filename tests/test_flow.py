@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from mpistyle.errors import MpistyleError
-from mpistyle.flow import FlowEstimator, certainty_mask, pair_flow, to_gray, warp
+from mpistyle.io.media import iter_frames, read_all
 from mpistyle.metrics import psnr
-from mpistyle.video import iter_frames, read_all
+from mpistyle.temporal.flow import FlowEstimator, certainty_mask, pair_flow, to_gray, warp
 
 from .conftest import BBB, CARPHONE, DATA
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from mpistyle.errors import MpistyleError
-from mpistyle.flow import FlowEstimator, pair_flow, to_gray
-from mpistyle.flowpool import FlowPool, measure_pairs_per_s
-from mpistyle.video import iter_frames, read_all
+from mpistyle.io.media import iter_frames, read_all
+from mpistyle.temporal.flow import FlowEstimator, pair_flow, to_gray
+from mpistyle.temporal.flowpool import FlowPool, measure_pairs_per_s
 
 from .conftest import CARPHONE, DATA
 
@@ -141,7 +141,7 @@ def test_measure_pairs_per_s():
 
 def test_pool_feeds_the_fusion_recursion_exactly_as_serial_flow(frames):
     """The worker's use: pairs from the pool, in order, into TemporalFuser.step (same frames as serial flow)."""
-    from mpistyle.temporal import TemporalFuser, TemporalSettings
+    from mpistyle.temporal.chains import TemporalFuser, TemporalSettings
 
     settings = TemporalSettings()
     sty = [np.ascontiguousarray(f[:, ::-1]) for f in frames]  # a stand-in stylization

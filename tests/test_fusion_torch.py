@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from mpistyle.flow import FlowEstimator, certainty_mask, erode_mask, pair_flow, to_gray, warp
-from mpistyle.fusion import FusionBackend, NumpyFusion, make_backend
-from mpistyle.fusion_torch import TorchFusion
-from mpistyle.temporal import TemporalFuser, TemporalSettings, fuse
+from mpistyle.temporal.chains import TemporalFuser, TemporalSettings
+from mpistyle.temporal.flow import FlowEstimator, certainty_mask, erode_mask, pair_flow, to_gray, warp
+from mpistyle.temporal.kernels import FusionBackend, NumpyFusion, fuse, make_backend
+from mpistyle.temporal.kernels_torch import TorchFusion
 
 from .conftest import DATA
 
@@ -21,7 +21,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 @pytest.fixture(scope="module")
 def frames() -> list[np.ndarray]:
-    from mpistyle.video import iter_frames
+    from mpistyle.io.media import iter_frames
 
     return list(itertools.islice(iter_frames(str(BIG)), 6))
 
@@ -221,9 +221,9 @@ def test_cuda_gives_the_cpu_bits(frames, flows):
 def test_temporal_fuser_on_the_torch_backend_gives_the_reference_bits() -> None:
     """TemporalFuser with anchored chains and a scene cut: the torch backend (as a GPU rank uses it, here on
     the CPU) returns exactly the frames of the NumPy/OpenCV reference, and the same state."""
-    from mpistyle.fusion import make_backend
+    from mpistyle.io.media import read_all
     from mpistyle.partition import Anchors
-    from mpistyle.video import read_all
+    from mpistyle.temporal.kernels import make_backend
 
     big = read_all(str(BIG))[:6]
     cut = read_all(str(DATA / "carphone_clip.mp4"), size=(big.shape[2], big.shape[1]))[:4]

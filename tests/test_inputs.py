@@ -17,14 +17,18 @@ import h5py
 import numpy as np
 import pytest
 
-from mpistyle import sequence, video
 from mpistyle.errors import MpistyleError
+from mpistyle.io import sequence
+from mpistyle.io.encode import VideoEncoder
+from mpistyle.io.ffmpeg import MIN_FFMPEG, _passthrough, ffmpeg_exe, ffmpeg_version, parse_ffmpeg_version
+from mpistyle.io.media import iter_frames, open_writer, probe, read_all
+from mpistyle.io.probe import _framecrc, audio_codec
 
 from .conftest import BBB, SAMPLE, run_mpistyle
 
 
 def ffmpeg(*args: str) -> None:
-    subprocess.run([video.ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args],
+    subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args],
                    check=True)
 
 
@@ -35,7 +39,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def streams(path: Path) -> str:
     """ffmpeg's report of a file's streams."""
-    return subprocess.run([video.ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True,
+    return subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True,
                           text=True).stderr
 
 
@@ -61,13 +65,13 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     ("ffmpeg version N-112233-gabcdef0123 Copyright (c) 2000-2026 the FFmpeg developers", None),
 ])
 def test_ffmpeg_version_parsing(line: str, version: tuple[int, int, int] | None) -> None:
-    assert video.parse_ffmpeg_version(line) == version
+    assert parse_ffmpeg_version(line) == version
 
 
 def test_the_ffmpeg_in_use_is_supported() -> None:
-    version = video.ffmpeg_version()
-    assert version is None or version[:2] >= video.MIN_FFMPEG
-    flag = video._passthrough()[0]
+    version = ffmpeg_version()
+    assert version is None or version[:2] >= MIN_FFMPEG
+    flag = _passthrough()[0]
     assert flag == ("-vsync" if version is not None and version[:2] < (5, 1) else "-fps_mode")
 
 
@@ -100,24 +104,24 @@ def vfr_clip(tmp_path: Path) -> Path:
            "[0:v]scale=96:54,split[a][b];[a]trim=0:0.6,setpts=PTS-STARTPTS,fps=10[x];"
            "[b]trim=1:1.6,setpts=PTS-STARTPTS,fps=30[y];[x][y]concat=n=2:v=1:a=0[v];"
            "[0:a]atrim=0:1.2[s]", "-map", "[v]", "-map", "[s]", "-c:v", "libx264", "-preset", "ultrafast",
-           "-c:a", "aac", video._passthrough()[0], "vfr", str(out))
+           "-c:a", "aac", _passthrough()[0], "vfr", str(out))
     return out
 
 
 def test_variable_frame_rate_becomes_constant_with_the_same_duration(vfr_clip: Path, caplog) -> None:
-    with caplog.at_level(logging.INFO, logger="mpistyle.video"):
-        info = video.probe(str(vfr_clip))
+    with caplog.at_level(logging.INFO, logger="mpistyle.io.probe"):
+        info = probe(str(vfr_clip))
     assert "variable frame rate" in caplog.text and "same duration" in caplog.text
     assert info.fps == 30
     assert info.n_frames == 36 and info.duration == pytest.approx(1.2)
     assert info.frame_map[:9] == (0, 0, 0, 1, 1, 1, 2, 2, 2)  # each 10 fps frame held for 3 slots
     assert info.frame_map[18:] == tuple(range(6, 24))  # the 30 fps part unchanged
-    frames = video.read_all(str(vfr_clip), info=info)
+    frames = read_all(str(vfr_clip), info=info)
     assert frames.shape == (36, 54, 96, 3)
     np.testing.assert_array_equal(frames[0], frames[2])
     assert not np.array_equal(frames[2], frames[3])
     assert all(not np.array_equal(frames[k], frames[k + 1]) for k in range(18, 35))
-    tail = list(video.iter_frames(str(vfr_clip), start=4, info=info))  # a resume in the middle of a hold
+    tail = list(iter_frames(str(vfr_clip), start=4, info=info))  # a resume in the middle of a hold
     assert len(tail) == 32
     np.testing.assert_array_equal(np.stack(tail), frames[4:])
 
@@ -127,7 +131,7 @@ def test_variable_frame_rate_stylized_keeps_duration_and_audio(vfr_clip: Path, t
     proc = run_mpistyle(["stylize", str(vfr_clip), "-o", str(out), "--no-progress", "--temporal", "none"], ranks=2)
     assert proc.returncode == 0, proc.stderr
     assert "variable frame rate" in proc.stderr
-    result = video.probe(str(out))
+    result = probe(str(out))
     assert (result.fps, result.n_frames, result.has_audio) == (30, 36, True)
     assert container_seconds(out) == pytest.approx(1.2, abs=0.034)  # was 24 frames at the average rate
 
@@ -147,15 +151,15 @@ def frames_dir(tmp_path: Path) -> Path:
 def test_pattern_and_folder_inputs(frames_dir: Path) -> None:
     pattern = str(frames_dir / "%04d.png")
     for path in (pattern, str(frames_dir)):
-        info = video.probe(path)
+        info = probe(path)
         assert (info.width, info.height, info.n_frames, info.fps, info.has_audio) == (64, 36, 10, 25, False)
         assert info.first_number == 1 and info.is_sequence
-    assert video.probe(pattern, fps=Fraction(12)).fps == 12
-    frames = video.read_all(pattern)
+    assert probe(pattern, fps=Fraction(12)).fps == 12
+    frames = read_all(pattern)
     expected = cv2.cvtColor(cv2.imread(str(frames_dir / "0004.png")), cv2.COLOR_BGR2RGB)
     np.testing.assert_array_equal(frames[3], expected)
-    np.testing.assert_array_equal(np.stack(list(video.iter_frames(str(frames_dir), start=6))), frames[6:])
-    small = video.read_all(pattern, size=(32, 18))
+    np.testing.assert_array_equal(np.stack(list(iter_frames(str(frames_dir), start=6))), frames[6:])
+    small = read_all(pattern, size=(32, 18))
     assert small.shape == (10, 18, 32, 3)
     assert psnr(small[5], frames[5].reshape(18, 2, 32, 2, 3).mean(axis=(1, 3))) > 40
 
@@ -165,9 +169,9 @@ def test_jpeg_folder_with_named_frames(tmp_path: Path) -> None:
     folder.mkdir()
     ffmpeg("-i", str(BBB), "-vf", "scale=64:36", "-frames:v", "5", "-start_number", "7",
            str(folder / "shot_%03d.jpg"))
-    info = video.probe(str(folder))
+    info = probe(str(folder))
     assert (info.n_frames, info.first_number, info.width, info.height) == (5, 7, 64, 36)
-    assert video.read_all(str(folder)).shape == (5, 36, 64, 3)
+    assert read_all(str(folder)).shape == (5, 36, 64, 3)
 
 
 def _gap(d: Path) -> str:
@@ -195,26 +199,26 @@ def _nothing(d: Path) -> str:
 def test_bad_sequences_give_one_line(frames_dir: Path, make) -> None:
     phrase = make(frames_dir)
     with pytest.raises(MpistyleError) as err:
-        video.probe(str(frames_dir / "%04d.png"))
+        probe(str(frames_dir / "%04d.png"))
     assert phrase in str(err.value) and "\n" not in str(err.value)
     assert str(frames_dir) in str(err.value)
 
 
 def test_empty_folder_and_other_names(tmp_path: Path) -> None:
     with pytest.raises(MpistyleError, match="no PNG/JPEG frames"):
-        video.probe(str(tmp_path))
+        probe(str(tmp_path))
     cv2.imwrite(str(tmp_path / "cover.png"), np.zeros((4, 4, 3), np.uint8))
     with pytest.raises(MpistyleError, match="no frame number"):
-        video.probe(str(tmp_path))
+        probe(str(tmp_path))
     with pytest.raises(MpistyleError, match="must end in"):
-        video.probe(str(tmp_path / "%04d.tif"))
+        probe(str(tmp_path / "%04d.tif"))
 
 
 def test_damaged_frame_is_named_when_decoded(frames_dir: Path) -> None:
     damaged = frames_dir / "0008.png"
     damaged.write_bytes(damaged.read_bytes()[:60])  # header intact, picture data cut off
-    info = video.probe(str(frames_dir))  # headers only: fine
-    frames = video.iter_frames(str(frames_dir), info=info)
+    info = probe(str(frames_dir))  # headers only: fine
+    frames = iter_frames(str(frames_dir), info=info)
     got = [next(frames) for _ in range(7)]
     assert len(got) == 7
     with pytest.raises(MpistyleError, match=r"0008\.png: cannot decode"):
@@ -227,7 +231,7 @@ def test_sequence_writer_is_atomic(tmp_path: Path) -> None:
     (out / "0009.png").write_bytes(b"stale frame of an older, longer result")
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (3, 20, 30, 3), dtype=np.uint8)
-    writer = video.open_writer(str(out / "%04d.png"), 30, 20, Fraction(25), n_frames=3)
+    writer = open_writer(str(out / "%04d.png"), 30, 20, Fraction(25), n_frames=3)
     for frame in frames:
         writer.write(frame)
     visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
@@ -237,7 +241,7 @@ def test_sequence_writer_is_atomic(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # temporary folder gone
     np.testing.assert_array_equal(cv2.imread(str(out / "0002.png"))[..., ::-1], frames[1])
     # An aborted run leaves the previous result as it was.
-    writer = video.open_writer(str(out / "%04d.png"), 30, 20, Fraction(25))
+    writer = open_writer(str(out / "%04d.png"), 30, 20, Fraction(25))
     writer.write(frames[2])
     writer.abort()
     np.testing.assert_array_equal(cv2.imread(str(out / "0001.png"))[..., ::-1], frames[0])
@@ -247,16 +251,16 @@ def test_sequence_writer_is_atomic(tmp_path: Path) -> None:
 def test_folder_output_replaces_only_its_own_frames(tmp_path: Path) -> None:
     out = tmp_path / "result"
     frame = np.full((8, 10, 3), 200, np.uint8)
-    with video.open_writer(str(out), 10, 8, Fraction(25), first_number=7) as writer:
+    with open_writer(str(out), 10, 8, Fraction(25), first_number=7) as writer:
         writer.write(frame)
         assert not out.exists()
     assert [p.name for p in out.iterdir()] == ["0007.png"]
-    with video.open_writer(str(out) + "/", 10, 8, Fraction(25)) as writer:
+    with open_writer(str(out) + "/", 10, 8, Fraction(25)) as writer:
         writer.write(frame)
     assert [p.name for p in out.iterdir()] == ["0001.png"]
     (out / "notes.txt").write_text("mine")
     with pytest.raises(MpistyleError, match="directory exists and holds other files"):
-        video.open_writer(str(out), 10, 8, Fraction(25))
+        open_writer(str(out), 10, 8, Fraction(25))
     assert sequence.buffer_path_for(str(out)) == str(out) + ".mpistyle.h5"
     assert sequence.buffer_path_for(str(out / "f_%04d.png")) == str(out / "f_frames.png.mpistyle.h5")
 
@@ -277,7 +281,7 @@ def test_sequence_to_video_uses_fps(frames_dir: Path, tmp_path: Path) -> None:
     proc = run_mpistyle(["stylize", str(frames_dir), "-o", str(out), "--fps", "12", "--no-progress",
                          "--temporal", "none"], ranks=2)
     assert proc.returncode == 0, proc.stderr
-    result = video.probe(str(out))
+    result = probe(str(out))
     assert (result.n_frames, result.fps, result.width, result.height) == (10, 12, 64, 36)
 
 
@@ -304,14 +308,14 @@ def test_bad_sequence_run_gives_one_line_and_keeps_the_buffer(frames_dir: Path, 
     damaged.write_bytes(good)
     proc = run_mpistyle(["stylize", pattern, "-o", str(out), "--no-progress", "--temporal", "none"], ranks=2)
     assert proc.returncode == 0, proc.stderr
-    assert video.probe(str(out)).n_frames == 10
+    assert probe(str(out)).n_frames == 10
 
 
 # ------------------------------------------------------------------------------- codecs, 10-bit, containers
 
 
 def _bbb_reference(size: tuple[int, int] | None = None) -> np.ndarray:
-    return video.read_all(str(BBB), size=size)
+    return read_all(str(BBB), size=size)
 
 
 @pytest.mark.parametrize(("name", "args", "codec"), [
@@ -327,10 +331,10 @@ def test_real_codecs_decode(tmp_path: Path, name: str, args: list[str], codec: s
     clip = tmp_path / name
     ffmpeg("-i", str(BBB), *args, str(clip))
     assert f"Video: {codec}" in streams(clip)
-    info = video.probe(str(clip))
+    info = probe(str(clip))
     assert (info.width, info.height, info.n_frames, info.fps, info.has_audio) == (128, 72, 24, 25, True)
     assert info.frame_map is None
-    assert psnr(video.read_all(str(clip), info=info), _bbb_reference()) > 30
+    assert psnr(read_all(str(clip), info=info), _bbb_reference()) > 30
 
 
 def test_rotated_hevc_mov(tmp_path: Path) -> None:
@@ -338,10 +342,10 @@ def test_rotated_hevc_mov(tmp_path: Path) -> None:
     ffmpeg("-i", str(BBB), "-c:v", "libx265", "-x265-params", "log-level=error", "-an", str(plain))
     rotated = tmp_path / "rotated.mov"
     ffmpeg("-display_rotation", "-90", "-i", str(plain), "-c", "copy", str(rotated))
-    info = video.probe(str(rotated))
+    info = probe(str(rotated))
     assert (info.width, info.height, info.n_frames) == (72, 128, 24)
-    frames = video.read_all(str(rotated), info=info)
-    turned = np.rot90(video.read_all(str(plain)), k=-1, axes=(1, 2))  # clockwise for a -90 display matrix
+    frames = read_all(str(rotated), info=info)
+    turned = np.rot90(read_all(str(plain)), k=-1, axes=(1, 2))  # clockwise for a -90 display matrix
     assert np.abs(turned.astype(int) - frames).mean() < 1
 
 
@@ -350,14 +354,14 @@ def test_rotated_hevc_mov(tmp_path: Path) -> None:
 def test_output_containers(tmp_path: Path, ext: str, vcodec: str, acodec: str) -> None:
     frames = _bbb_reference()
     out = tmp_path / f"out{ext}"
-    with video.open_writer(str(out), 128, 72, Fraction(25), audio_from=str(BBB), preset="veryfast") as writer:
-        assert isinstance(writer, video.VideoEncoder)
+    with open_writer(str(out), 128, 72, Fraction(25), audio_from=str(BBB), preset="veryfast") as writer:
+        assert isinstance(writer, VideoEncoder)
         for frame in frames:
             writer.write(frame)
-    result = video.probe(str(out))
+    result = probe(str(out))
     assert (result.n_frames, result.fps, result.has_audio) == (24, 25, True)
-    assert f"Video: {vcodec}" in streams(out) and video.audio_codec(str(out)) == acodec
-    assert psnr(video.read_all(str(out)), frames) > 30
+    assert f"Video: {vcodec}" in streams(out) and audio_codec(str(out)) == acodec
+    assert psnr(read_all(str(out)), frames) > 30
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
 
 
@@ -368,9 +372,9 @@ def test_hevc_10bit_to_webm_on_two_ranks(tmp_path: Path) -> None:
     out = tmp_path / "out.webm"
     proc = run_mpistyle(["stylize", str(clip), "-o", str(out), "--no-progress", "--temporal", "none"], ranks=2)
     assert proc.returncode == 0, proc.stderr
-    result = video.probe(str(out))
+    result = probe(str(out))
     assert (result.n_frames, result.fps, result.has_audio) == (24, 25, True)
-    assert "Video: vp9" in streams(out) and video.audio_codec(str(out)) == "opus"
+    assert "Video: vp9" in streams(out) and audio_codec(str(out)) == "opus"
 
 
 # ------------------------------------------------------------------------------------------- the probe
@@ -381,34 +385,34 @@ def test_probe_counts_packets_but_not_discarded_ones(tmp_path: Path) -> None:
     # and the cut end leaves a B-frame without its reference (a packet that decodes to nothing).
     cut = tmp_path / "cut.mp4"
     ffmpeg("-ss", "1.3", "-i", str(Path(BBB).parent / "bbb_640x272.mp4"), "-t", "1", "-c", "copy", str(cut))
-    decoded = video._framecrc(str(cut), copy=False).count
-    info = video.probe(str(cut))
+    decoded = _framecrc(str(cut), copy=False).count
+    info = probe(str(cut))
     assert decoded <= info.n_frames <= decoded + 2
     assert info.n_frames < len([ln for ln in subprocess.run(
-        [video.ffmpeg_exe(), "-nostdin", "-i", str(cut), "-map", "0:v", "-c", "copy", "-f", "framecrc", "-"],
+        [ffmpeg_exe(), "-nostdin", "-i", str(cut), "-map", "0:v", "-c", "copy", "-f", "framecrc", "-"],
         capture_output=True, text=True).stdout.splitlines() if not ln.startswith("#")])  # discards left out
-    frames = video.read_all(str(cut), size=(64, 28), info=info)
+    frames = read_all(str(cut), size=(64, 28), info=info)
     assert len(frames) == info.n_frames  # the promised count, whatever the decoder made of the stream
 
 
 def test_probe_decodes_containers_without_reliable_packets(tmp_path: Path) -> None:
     ts = tmp_path / "clip.ts"
     ffmpeg("-i", str(BBB), "-c", "copy", str(ts))
-    info = video.probe(str(ts))
+    info = probe(str(ts))
     assert (info.n_frames, info.fps) == (24, 25)
-    assert len(video.read_all(str(ts), info=info)) == 24
+    assert len(read_all(str(ts), info=info)) == 24
 
 
 def test_decoder_holds_the_count_the_probe_promised(caplog) -> None:
-    info = video.probe(str(BBB))
+    info = probe(str(BBB))
     more = dataclasses.replace(info, n_frames=info.n_frames + 2)  # 2 frames announced but undecodable
-    with caplog.at_level(logging.WARNING, logger="mpistyle.video"):
-        frames = video.read_all(str(BBB), info=more)
+    with caplog.at_level(logging.WARNING, logger="mpistyle.io.decode"):
+        frames = read_all(str(BBB), info=more)
     assert len(frames) == 26 and "could not be decoded" in caplog.text
     np.testing.assert_array_equal(frames[25], frames[23])
     far_more = dataclasses.replace(info, n_frames=40)
     with pytest.raises(MpistyleError, match="only 24 of the 40 frames"):
-        video.read_all(str(BBB), info=far_more)
+        read_all(str(BBB), info=far_more)
 
 
 def test_fingerprints_identify_sequences(frames_dir: Path) -> None:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from mpistyle.errors import MpistyleError
+from mpistyle.io.media import iter_frames, read_all
 from mpistyle.metrics import _fit, add_arguments, evaluate, format_table, main, psnr, seam_report, warping_errors
-from mpistyle.video import iter_frames, read_all
 
 from .conftest import BBB, CARPHONE, DATA
 

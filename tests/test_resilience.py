@@ -14,8 +14,8 @@ import h5py
 import numpy as np
 import pytest
 
+from mpistyle.io.media import probe
 from mpistyle.metrics import psnr
-from mpistyle.video import probe
 
 from .conftest import BBB, ROOT, SAMPLE, tool
 

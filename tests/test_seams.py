@@ -18,8 +18,9 @@ import h5py
 import numpy as np
 import pytest
 
+from mpistyle.io.ffmpeg import ffmpeg_exe
+from mpistyle.io.media import probe
 from mpistyle.metrics import seam_report
-from mpistyle.video import ffmpeg_exe, probe
 
 from .conftest import BBB, CARPHONE, DATA, run_mpistyle
 

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 import mpistyle
-from mpistyle import seek, video
 from mpistyle.errors import MpistyleError
+from mpistyle.io import seek
+from mpistyle.io.ffmpeg import _passthrough, ffmpeg_encoders, ffmpeg_exe
+from mpistyle.io.media import probe, read_all
 
 DATA = Path(__file__).parent / "data"
 SAMPLE = Path(mpistyle.__file__).parent / "data" / "sample.mp4"
@@ -27,14 +29,14 @@ OPEN_GOP = ["-c:v", "libx264", "-preset", "veryfast", "-bf", "3",
 
 
 def ffmpeg(*args: str) -> None:
-    subprocess.run([video.ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args],
+    subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args],
                    check=True)
 
 
 def keyframes(path: Path) -> list[int]:
     """Display indices of the keyframes of a full decode (showinfo's iskey)."""
-    res = subprocess.run([video.ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path), "-map", "0:V:0",
-                          "-vf", "showinfo", *video._passthrough(), "-f", "null", "-"],
+    res = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path), "-map", "0:V:0",
+                          "-vf", "showinfo", *_passthrough(), "-f", "null", "-"],
                          capture_output=True, text=True, check=True)
     flags = re.findall(r"\] n:\s*\d+ pts:.*?\biskey:([01])", res.stderr)
     return [i for i, f in enumerate(flags) if f == "1"]
@@ -76,7 +78,7 @@ def built(tmp_path_factory) -> dict[str, Path]:
     out = {"open_gop": d / "open_gop.mp4"}
     ffmpeg(*src, *OPEN_GOP, str(out["open_gop"]))
     out["hevc"] = d / "hevc.mp4"
-    if "libx265" in video.ffmpeg_encoders():
+    if "libx265" in ffmpeg_encoders():
         ffmpeg(*src, "-c:v", "libx265", "-preset", "veryfast", "-x265-params",
                "log-level=error:bframes=4:b-pyramid=1:keyint=12:min-keyint=12:open-gop=1:scenecut=0", str(out["hevc"]))
     else:  # deep B-pyramid H.264 instead
@@ -90,7 +92,7 @@ def built(tmp_path_factory) -> dict[str, Path]:
     ffmpeg("-i", str(out["open_gop"]), "-c", "copy", str(out["mkv"]))
     out["rotated"] = d / "rotated.mp4"  # a phone's rotation matrix: frames come out upright (80x192)
     ffmpeg("-display_rotation", "90", "-i", str(out["open_gop"]), "-c", "copy", str(out["rotated"]))
-    if "libvpx-vp9" in video.ffmpeg_encoders():
+    if "libvpx-vp9" in ffmpeg_encoders():
         out["vp9"] = d / "vp9.webm"  # keyframe every 12, hidden alt-ref frames
         ffmpeg(*src, "-c:v", "libvpx-vp9", "-g", "12", "-crf", "40", "-b:v", "0", "-deadline", "realtime",
                "-cpu-used", "8", "-auto-alt-ref", "1", "-lag-in-frames", "8", str(out["vp9"]))
@@ -98,9 +100,9 @@ def built(tmp_path_factory) -> dict[str, Path]:
 
 
 def check_windows(path: Path, exact_calls: list[tuple[int, int]], size: tuple[int, int] | None = SIZE) -> None:
-    info = video.probe(str(path))
+    info = probe(str(path))
     assert info.frame_map is None
-    full = video.read_all(str(path), size, info=info)
+    full = read_all(str(path), size, info=info)
     assert len(full) == info.n_frames
     for first, count in windows(info.n_frames, keyframes(path)):
         got = list(seek.decode_range(str(path), first, count, size, info=info))
@@ -127,21 +129,21 @@ def test_built_clips(built: dict[str, Path], name: str, exact_calls) -> None:
 
 def test_rotated_native_size(built: dict[str, Path], exact_calls) -> None:
     path = built["rotated"]
-    info = video.probe(str(path))
+    info = probe(str(path))
     assert (info.width, info.height) == (80, 192)
-    full = video.read_all(str(path), info=info)
+    full = read_all(str(path), info=info)
     assert np.array_equal(np.stack(list(seek.decode_range(str(path), 30, 10, info=info))), full[30:40])
     assert not exact_calls
 
 
 def test_edit_list_hides_frames(built: dict[str, Path]) -> None:
-    assert video.probe(str(built["edit_list"])).n_frames == 67
+    assert probe(str(built["edit_list"])).n_frames == 67
 
 
 def test_partitions_concatenate_to_the_full_decode(built: dict[str, Path], exact_calls) -> None:
     path = built["open_gop"]
-    info = video.probe(str(path))
-    full = video.read_all(str(path), SIZE, info=info)
+    info = probe(str(path))
+    full = read_all(str(path), SIZE, info=info)
     bounds = [0, 23, 48, info.n_frames]  # 3 contiguous parts, boundaries mid-GOP and just after a keyframe
     parts = [list(seek.decode_range(str(path), a, b - a, SIZE, info=info))
              for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
@@ -159,8 +161,8 @@ def test_off_grid_frame_falls_back_to_the_exact_path(built: dict[str, Path], mon
         return pts + int(1 / (tb * 50)), tb, container
 
     monkeypatch.setattr(seek, "_frame_zero", shifted)
-    info = video.probe(str(path))
-    full = video.read_all(str(path), SIZE, info=info)
+    info = probe(str(path))
+    full = read_all(str(path), SIZE, info=info)
     assert np.array_equal(np.stack(list(seek.decode_range(str(path), 30, 6, SIZE, info=info))), full[30:36])
     assert exact_calls == [(30, 6)]
 
@@ -183,8 +185,8 @@ def test_gap_midway_switches_to_the_exact_path(built: dict[str, Path], monkeypat
                 self.frames = Lossy(self.frames)
 
     monkeypatch.setattr(seek, "_Stderr", Stderr)
-    info = video.probe(str(path))
-    full = video.read_all(str(path), SIZE, info=info)
+    info = probe(str(path))
+    full = read_all(str(path), SIZE, info=info)
     assert np.array_equal(np.stack(list(seek.decode_range(str(path), 30, 6, SIZE, info=info))), full[30:36])
     assert exact_calls == [(33, 3)]
 
@@ -192,8 +194,8 @@ def test_gap_midway_switches_to_the_exact_path(built: dict[str, Path], monkeypat
 def test_late_landing_retries_then_falls_back(built: dict[str, Path], monkeypatch, exact_calls) -> None:
     # A negative margin seeks past ``first``: decoding starts at the next keyframe; no keyframe before first.
     path = built["open_gop"]
-    info = video.probe(str(path))
-    full = video.read_all(str(path), SIZE, info=info)
+    info = probe(str(path))
+    full = read_all(str(path), SIZE, info=info)
     monkeypatch.setattr(seek, "SEEK_MARGINS", (-10, 4))  # late, then a working margin
     assert np.array_equal(np.stack(list(seek.decode_range(str(path), 30, 6, SIZE, info=info))), full[30:36])
     assert not exact_calls
@@ -203,20 +205,20 @@ def test_late_landing_retries_then_falls_back(built: dict[str, Path], monkeypatc
 
 
 def test_closing_early_stops_ffmpeg(exact_calls) -> None:
-    info = video.probe(str(WIDE))
+    info = probe(str(WIDE))
     frames = seek.decode_range(str(WIDE), 100, 30, SIZE, info=info)
     first = next(frames)
     frames.close()
-    assert np.array_equal(first, video.read_all(str(WIDE), SIZE, info=info)[100])
+    assert np.array_equal(first, read_all(str(WIDE), SIZE, info=info)[100])
 
 
 def test_image_sequence(tmp_path: Path) -> None:
     folder = tmp_path / "frames"
     folder.mkdir()
     ffmpeg("-i", str(SAMPLE), "-frames:v", "12", "-vf", "scale=64:36", str(folder / "%04d.png"))
-    info = video.probe(str(folder))
+    info = probe(str(folder))
     assert info.is_sequence
-    full = video.read_all(str(folder), SIZE, info=info)
+    full = read_all(str(folder), SIZE, info=info)
     assert np.array_equal(np.stack(list(seek.decode_range(str(folder), 5, 7, SIZE, info=info))), full[5:])
 
 
@@ -225,10 +227,10 @@ def test_variable_frame_rate_uses_the_exact_path(tmp_path: Path, exact_calls) ->
     ffmpeg("-i", str(SAMPLE), "-filter_complex",
            "[0:v]scale=96:54,split[a][b];[a]trim=0:0.6,setpts=PTS-STARTPTS,fps=10[x];"
            "[b]trim=1:1.6,setpts=PTS-STARTPTS,fps=30[y];[x][y]concat=n=2:v=1:a=0[v]", "-map", "[v]",
-           "-c:v", "libx264", "-preset", "ultrafast", video._passthrough()[0], "vfr", str(out))
-    info = video.probe(str(out))
+           "-c:v", "libx264", "-preset", "ultrafast", _passthrough()[0], "vfr", str(out))
+    info = probe(str(out))
     assert info.frame_map is not None
-    full = video.read_all(str(out), info=info)
+    full = read_all(str(out), info=info)
     assert np.array_equal(np.stack(list(seek.decode_range(str(out), 10, 20, info=info))), full[10:30])
     assert exact_calls == [(10, 20)]
 
@@ -237,7 +239,7 @@ def test_variable_frame_rate_uses_the_exact_path(tmp_path: Path, exact_calls) ->
     (-1, 2, "first frame must be >= 0"), (0, -1, "frame count must be >= 0"),
     (70, 6, "past the end"), (1.5, 2, "first frame must be an integer"), (True, 2, "must be an integer")])
 def test_bad_arguments(first, count, message) -> None:
-    info = video.probe(str(SAMPLE))
+    info = probe(str(SAMPLE))
     with pytest.raises(MpistyleError, match=message) as err:
         seek.decode_range(str(SAMPLE), first, count, info=info)
     assert "\n" not in str(err.value)

@@ -14,6 +14,9 @@ import numpy as np
 import pytest
 
 from mpistyle.errors import MpistyleError
+from mpistyle.io.encode import join_segments
+from mpistyle.io.ffmpeg import ffmpeg_exe
+from mpistyle.io.media import probe, read_all
 from mpistyle.metrics import psnr
 from mpistyle.stylize import segments
 from mpistyle.stylize.segments import (
@@ -28,7 +31,6 @@ from mpistyle.stylize.segments import (
     streamed_blocks,
     uses_segments,
 )
-from mpistyle.video import ffmpeg_exe, join_segments, probe, read_all
 
 from .conftest import BBB, CARPHONE, SAMPLE, run_mpistyle
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from mpistyle.video import probe
+from mpistyle.io.media import probe
 
 from .conftest import BBB, ROOT, tool
 from .slurm_cluster import Cluster, done_frames
@@ -194,14 +194,14 @@ def resume(tmp: Path, out: Path, runs: list[MpiRun]) -> dict:
 
 def encoder_command(out: Path) -> list[str]:
     """A real ffmpeg that encodes raw frames from its stdin, as mpistyle's encoders do."""
-    from mpistyle.video import ffmpeg_exe
+    from mpistyle.io.ffmpeg import ffmpeg_exe
 
     return [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
             "-s", "16x16", "-framerate", "25", "-i", "pipe:0", "-c:v", "libx264", "-pix_fmt", "yuv420p", str(out)]
 
 
 def test_children_hold_stop_signals_and_end_only_when_their_input_ends(tmp_path: Path) -> None:
-    from mpistyle import children
+    from mpistyle.io import children
 
     out = tmp_path / "c.mp4"
     mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
@@ -227,7 +227,7 @@ def test_children_hold_stop_signals_and_end_only_when_their_input_ends(tmp_path:
 STEP_PROGRAM = """
 import re, signal, subprocess, sys, time
 from pathlib import Path
-from mpistyle import children
+from mpistyle.io import children
 
 got = []
 signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
@@ -352,7 +352,7 @@ def test_mpi_train_stopped_during_startup_saves_a_checkpoint_and_exits_75(tmp_pa
                                                                           sig: signal.Signals) -> None:
     """`mpistyle train` keeps its stop path: a signal before torch is even imported still ends in a
     checkpoint and exit 75 (the ranks agree after the first step)."""
-    from mpistyle.train import load_checkpoint
+    from mpistyle.training.train import load_checkpoint
 
     model = tmp_path / "m.pth"
     run = MpiRun(tmp_path / "train.log",

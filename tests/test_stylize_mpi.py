@@ -12,9 +12,10 @@ import h5py
 import numpy as np
 import pytest
 
+from mpistyle.io.ffmpeg import ffmpeg_exe
+from mpistyle.io.media import probe, read_all
 from mpistyle.metrics import evaluate, psnr
 from mpistyle.partition import boundaries
-from mpistyle.video import ffmpeg_exe, probe, read_all
 
 from .conftest import BBB, CARPHONE, run_mpistyle
 

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from mpistyle.errors import MpistyleError
-from mpistyle.flow import FlowEstimator, pair_flow, to_gray
+from mpistyle.io.media import read_all
 from mpistyle.metrics import psnr, warping_errors
 from mpistyle.partition import Anchors, make_plan
-from mpistyle.temporal import TemporalFuser, TemporalSettings, fuse
-from mpistyle.video import read_all
+from mpistyle.temporal.chains import TemporalFuser, TemporalSettings
+from mpistyle.temporal.flow import FlowEstimator, pair_flow, to_gray
+from mpistyle.temporal.kernels import fuse
 
 from .conftest import BBB, CARPHONE
 

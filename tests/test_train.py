@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from mpistyle.content import build_crop_pool, crops_from_pool, pool_side
 from mpistyle.errors import MpistyleError
 from mpistyle.models import TransformerNet, model_info
-from mpistyle.train import (
+from mpistyle.training.content import build_crop_pool, crops_from_pool, pool_side
+from mpistyle.training.train import (
     Comm,
     TrainConfig,
     Trainer,
@@ -168,7 +168,7 @@ def test_crop_pool_is_seeded_and_rank_slices_rebuild_the_batch():
 
 def test_video_frames_without_imageio_ffmpeg_come_from_opencv(monkeypatch):
     """A bare GPU machine has OpenCV but not imageio-ffmpeg: training content must still load."""
-    from mpistyle import content
+    from mpistyle.training import content
 
     with_ffmpeg = content.read_video_frames(str(CLIP))
     monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # makes `import imageio_ffmpeg` fail
@@ -226,7 +226,7 @@ def test_bf16_autocast_trains_and_fp32_is_the_cpu_default(images, tmp_path):
 
 
 def test_log_lines_give_steps_and_images_per_second(images, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="mpistyle.train")
+    caplog.set_level(logging.INFO, logger="mpistyle.training.train")
     Trainer(_cfg(images, tmp_path / "m.pth", steps=2, log_every=1, pool_size=8)).run()
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert len(lines) == 2 and lines[0].startswith("step 1/2 ")
@@ -262,7 +262,7 @@ def test_two_mpi_ranks_follow_the_one_rank_curve(images, tmp_path):
         cmd = [
             sys.executable,
             "-m",
-            "mpistyle.train",
+            "mpistyle.training.train",
             "--style",
             images["style"],
             "--content",

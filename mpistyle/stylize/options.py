@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..temporal import TemporalSettings
+from ..temporal.chains import TemporalSettings
 
 
 @dataclass
@@ -79,20 +79,20 @@ def file_fingerprint(path: str, block: int = 1 << 20) -> str:
 
 
 def default_buffer_path(output: str) -> str:
-    from ..sequence import buffer_path_for
+    from ..io.sequence import buffer_path_for
 
     return buffer_path_for(output) or output + ".mpistyle.h5"
 
 
 def input_fingerprint(path: str) -> str:
     """``file_fingerprint`` of a video; names, sizes and end frames of an image sequence."""
-    from ..sequence import fingerprint, is_sequence_input
+    from ..io.sequence import fingerprint, is_sequence_input
 
     return fingerprint(path) if is_sequence_input(path) else file_fingerprint(path)
 
 
 def validate_output(input_path: str, output: str) -> None:
-    """Video (.mp4/.m4v/.mov/.mkv/.webm) or PNG sequence output that can be written (``video.check_output``)."""
-    from ..video import check_output
+    """Video (.mp4/.m4v/.mov/.mkv/.webm) or PNG sequence output that can be written (``io.media.check_output``)."""
+    from ..io.media import check_output
 
     check_output(input_path, output)

@@ -117,7 +117,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
         store = FrameStore(setup.buffer_path, setup.height, setup.width, settings_digest(setup.settings), msgr)
         threads_started.append(store)
         if rank == 0:
-            from ..video import open_writer
+            from ..io.media import open_writer
 
             buffer = opened[0]
             if not segmented:  # one in-order encoder on rank 0; veryfast: medium costs ~2x CPU for no gain here

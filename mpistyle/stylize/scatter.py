@@ -150,7 +150,7 @@ class Decoder(ReportingThread):
         self.frames_decoded = 0
 
     def _run_dynamic(self) -> None:
-        from ..video import iter_frames
+        from ..io.media import iter_frames
 
         scheduler = self.scheduler
         assert scheduler is not None
@@ -204,7 +204,7 @@ class Decoder(ReportingThread):
             self._run_static()
 
     def _run_static(self) -> None:
-        from ..video import iter_frames
+        from ..io.media import iter_frames
 
         if self.last_needed < 0:
             return
@@ -276,7 +276,7 @@ class LocalDecoder(ReportingThread):
         self.frames_decoded = 0
 
     def _run(self) -> None:
-        from ..seek import decode_range
+        from ..io.seek import decode_range
 
         for first, count in contiguous_ranges(self.frames):
             frames = decode_range(self.input_path, first, count, size=self.size, info=self.info)

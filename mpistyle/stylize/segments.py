@@ -255,7 +255,7 @@ class SegmentWriter(threading.Thread):
 def open_segment(directory: str, first: int, width: int, height: int, fps: Fraction, crf: int, threads: int,
                  factory: Callable[..., Any] | None = None) -> Any:
     """An encoder for the block starting at ``first``, under a temporary name (every block alike)."""
-    from ..video import VideoEncoder
+    from ..io.encode import VideoEncoder
 
     path = os.path.join(directory, f"seg-{first:09d}.partial.mp4")
     return (factory or VideoEncoder)(path, width, height, fps, crf=crf, preset="veryfast", threads=threads)
@@ -296,7 +296,7 @@ def join_output(directory: str, output: str, n_frames: int, width: int, height: 
     the folder. Returns how many frames came from segments the ranks made and how many rank 0 encoded.
     Raises MpistyleError (the buffer is untouched, so a rerun only encodes).
     """
-    from ..video import join_segments
+    from ..io.encode import join_segments
 
     missing = missing_blocks(directory, n_frames)
     filled = encode_blocks(directory, missing, n_frames, width, height, fps, read_frame, crf, threads)

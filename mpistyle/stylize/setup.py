@@ -57,8 +57,9 @@ class Validated:
 
 def validate_on_root(opts: StylizeOptions) -> Validated:
     """Cheap checks first (input, output, size, model name), before any rank loads a model."""
+    from ..io.media import probe
+    from ..io.probe import output_size
     from ..models import resolve_model
-    from ..video import output_size, probe
 
     info = probe(opts.input, fps=opts.fps)
     if opts.fps is not None and not info.is_sequence:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..mpi import pause_point, poll_until
 from ..partition import Plan, RankPlan, Run
-from ..temporal import TemporalSettings
+from ..temporal.chains import TemporalSettings
 from .comm import TAG_GIVE, TAG_HALO, TAG_REQ, Messenger, Stopped
 from .gather import Progress, ProgressSender
 from .options import Setup
@@ -32,9 +32,9 @@ class RankWorker:
     def __init__(self, comm: Any, rp: RankPlan, plan: Plan, setup: Setup, stylizer: Any,
                  temporal: TemporalSettings, spool: SourceSpool, msgr: Messenger, store: FrameStore,
                  batch: int, state_frames: dict[int, np.ndarray], t0: float, flow_workers: int = 1) -> None:
-        from ..flowpool import FlowPool
-        from ..fusion import make_backend
-        from ..temporal import TemporalFuser
+        from ..temporal.chains import TemporalFuser
+        from ..temporal.flowpool import FlowPool
+        from ..temporal.kernels import make_backend
 
         self.comm, self.rp, self.plan, self.setup, self.stylizer = comm, rp, plan, setup, stylizer
         self.temporal, self.spool, self.msgr, self.store, self.batch = temporal, spool, msgr, store, batch

@@ -29,7 +29,9 @@ import numpy as np
 import torch
 
 from mpistyle import __version__
-from mpistyle.content import (
+from mpistyle.errors import Interrupted, MpistyleError
+from mpistyle.models import TransformerNet, atomic_write, save_model
+from mpistyle.training.content import (
     PairPool,
     build_crop_pool,
     build_pair_pool,
@@ -37,8 +39,7 @@ from mpistyle.content import (
     crops_from_pool,
     load_image,
 )
-from mpistyle.errors import Interrupted, MpistyleError
-from mpistyle.losses import (
+from mpistyle.training.losses import (
     DEFAULT_CONTENT_LAYERS,
     DEFAULT_STYLE_LAYERS,
     VGG19Features,
@@ -51,7 +52,6 @@ from mpistyle.losses import (
     warp_affine,
     warp_by_grid,
 )
-from mpistyle.models import TransformerNet, atomic_write, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -573,7 +573,7 @@ class Trainer:
 
 def _have_flow() -> bool:
     try:
-        from mpistyle import flow  # noqa: F401
+        from mpistyle.temporal import flow  # noqa: F401
     except ImportError:
         return False
     return hasattr(flow, "FlowEstimator") and hasattr(flow, "to_gray")
@@ -799,7 +799,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m mpistyle.train", description=__doc__.splitlines()[0])
+    _parser = argparse.ArgumentParser(prog="python -m mpistyle.training.train", description=__doc__.splitlines()[0])
     add_arguments(_parser)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _comm = Comm()

@@ -42,21 +42,12 @@ from fractions import Fraction
 
 import numpy as np
 
-from mpistyle import children
 from mpistyle.errors import MpistyleError
-from mpistyle.video import (
-    _COUNTABLE,
-    VideoInfo,
-    _check_input_file,
-    _ffmpeg,
-    _kill,
-    _null_decode,
-    _passthrough,
-    _read_exact,
-    _scale_filter,
-    iter_frames,
-    probe,
-)
+from mpistyle.io import children
+from mpistyle.io.decode import _read_exact, _scale_filter
+from mpistyle.io.ffmpeg import _check_input_file, _ffmpeg, _kill, _passthrough
+from mpistyle.io.media import iter_frames, probe
+from mpistyle.io.probe import _COUNTABLE, VideoInfo, _null_decode
 
 logger = logging.getLogger(__name__)
 

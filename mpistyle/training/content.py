@@ -233,7 +233,7 @@ def video_pair_sample(
     pair: tuple[np.ndarray, np.ndarray], size: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Same random crop of two consecutive frames, plus the backward flow t->t-1 and its certainty mask."""
-    from mpistyle import flow as flowmod
+    from mpistyle.temporal import flow as flowmod
 
     a, b = pair
     h, w = a.shape[:2]

@@ -5,7 +5,7 @@ Conventions (OpenCV's): ``flow = est.flow(src, dst)`` means ``src(x) ~ dst(x + f
 (column) component, ``flow[..., 1]`` the y (row) component, in pixels.
 
 Everything here is deterministic given its inputs (no random state, no reuse of the previous
-call's flow as initialisation), which the resumable fusion in :mod:`mpistyle.temporal` relies on.
+call's flow as initialisation), which the resumable fusion in :mod:`mpistyle.temporal.chains` relies on.
 """
 
 from __future__ import annotations

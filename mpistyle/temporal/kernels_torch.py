@@ -1,6 +1,6 @@
 """The fusion kernels in torch, on any device: warp, certainty mask, erosion, confidence, blend/fuse.
 
-They reproduce :mod:`mpistyle.flow` and :func:`mpistyle.temporal.fuse` operation by operation in
+They reproduce :mod:`mpistyle.temporal.flow` and :func:`mpistyle.temporal.kernels.fuse` operation by operation in
 float32, so on real frames they give the same bits as the OpenCV/NumPy reference (the tests check
 "within 1 grey level", the requirement, and report how many values differ at all):
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mpistyle.flow import MASK_MIN_FILTER, PairFlow
+from mpistyle.temporal.flow import MASK_MIN_FILTER, PairFlow
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,10 @@ class TorchFusion:
 
     def certainty_mask(self, flow_fw: torch.Tensor, flow_bw: torch.Tensor,
                        motion_boundaries: bool = True) -> torch.Tensor:
-        """Ruder et al.'s forward-backward check, float32 (H, W) in {0, 1}: see :func:`mpistyle.flow.certainty_mask`."""
+        """Ruder et al.'s forward-backward check, float32 (H, W) in {0, 1}.
+
+        See :func:`mpistyle.temporal.flow.certainty_mask`.
+        """
         if flow_fw.shape != flow_bw.shape or flow_fw.ndim != 3 or flow_fw.shape[2] != 2:
             raise ValueError(f"flows of shapes {tuple(flow_fw.shape)} and {tuple(flow_bw.shape)} do not match")
         h, w = flow_fw.shape[:2]
@@ -189,7 +192,7 @@ class TorchFusion:
 
     def pair_from_flows(self, flow_back: torch.Tensor, flow_fwd: torch.Tensor, min_filter: int = MASK_MIN_FILTER,
                         motion_boundaries: bool = True) -> PairFlow:
-        """:func:`mpistyle.flow.pair_flow` after its two flow calls: mask, erosion, confidence here.
+        """:func:`mpistyle.temporal.flow.pair_flow` after its two flow calls: mask, erosion, confidence here.
 
         The confidence is a 0-dim device tensor (``float()`` of it syncs); compare it in float64, as
         NumPy compares the float one, or use :meth:`fuse_gated`.
@@ -199,7 +202,7 @@ class TorchFusion:
 
     def blend(self, stylized: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor,
               strength: float) -> torch.Tensor:
-        """``s + a (w - s)``, ``a = strength * mask``, in float32 as temporal.fuse, not rounded."""
+        """``s + a (w - s)``, ``a = strength * mask``, in float32 as kernels.fuse, not rounded."""
         if stylized.shape != warped.shape or tuple(stylized.shape[:2]) != tuple(mask.shape):
             raise ValueError(f"fuse: shapes differ: stylized {tuple(stylized.shape)}, warped {tuple(warped.shape)}, "
                              f"mask {tuple(mask.shape)}")
@@ -211,7 +214,7 @@ class TorchFusion:
         return out
 
     def fuse(self, stylized: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor, strength: float) -> torch.Tensor:
-        """:meth:`blend` rounded half to even and clipped to uint8 (temporal.fuse)."""
+        """:meth:`blend` rounded half to even and clipped to uint8 (kernels.fuse)."""
         return self.blend(stylized, warped, mask, strength).round_().clamp_(0, 255).to(torch.uint8)
 
     def fuse_gated(self, stylized: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor, confidence: Any,

@@ -12,7 +12,7 @@ Properties the MPI pipeline builds on:
 * The map from state to output is a contraction: the contribution of the state to ``out_t`` is
   weighted by at most ``strength``, so a wrong state decays like ``strength**k`` over k frames,
   but only down to the uint8 rounding floor: a rounded contraction has several fixed points
-  (:func:`fuse`), so a cold start never provably reaches the 1-rank bits. Hence anchors
+  (:func:`mpistyle.temporal.kernels.fuse`), so a cold start never provably reaches the 1-rank bits. Hence anchors
   (:class:`~mpistyle.partition.Anchors`, given to :class:`TemporalFuser`): the recursion
   restarts at points fixed by the frame index, a new chain starting ``lead`` frames before
   each anchor and running alongside the old one until the output switches to it at the anchor.
@@ -45,9 +45,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpistyle.errors import MpistyleError
-from mpistyle.flow import DIS_PRESETS, FLOW_METHODS, FlowEstimator, PairFlow, pair_flow, to_gray
-from mpistyle.fusion import FusionBackend, NumpyFusion
 from mpistyle.partition import Anchors
+from mpistyle.temporal.flow import DIS_PRESETS, FLOW_METHODS, FlowEstimator, PairFlow, pair_flow, to_gray
+from mpistyle.temporal.kernels import FusionBackend, NumpyFusion
 
 logger = logging.getLogger(__name__)
 
@@ -83,30 +83,6 @@ class TemporalSettings:
         if self.mode == "none" or self.strength == 0.0:
             return 0
         return int(np.ceil(np.log(tolerance) / np.log(self.strength)))
-
-
-def fuse(stylized: np.ndarray, warped_prev: np.ndarray, mask: np.ndarray, strength: float) -> np.ndarray:
-    """``stylized (1 - a) + warped_prev a`` with ``a = strength * mask``, float32 math, rounded to uint8.
-
-    Pure and deterministic. As a map of ``warped_prev`` it is a contraction with factor
-    ``strength``; the final rounding to uint8 means two different states converge to within
-    about ``1 / (1 - strength)`` grey levels (a quantised contraction can have several fixed
-    points), not always to bit equality.
-    """
-    if stylized.shape != warped_prev.shape or stylized.shape[:2] != mask.shape:
-        raise ValueError(f"fuse: shapes differ: stylized {stylized.shape}, warped {warped_prev.shape}, "
-                         f"mask {mask.shape}")
-    # numpy, not cv2.blendLinear (faster, but SIMD-dependent rounding): element-wise IEEE float32 ops give the same bits
-    # on every CPU, so ranks and resumed runs on other node types agree exactly.
-    a = (np.float32(strength) * mask.astype(np.float32, copy=False))[..., None]
-    s = stylized.astype(np.float32)
-    out = warped_prev.astype(np.float32)
-    out -= s  # s + a (w - s) == s (1 - a) + w a, with one product fewer
-    out *= a
-    out += s
-    np.rint(out, out=out)
-    np.clip(out, 0, 255, out=out)
-    return out.astype(np.uint8)
 
 
 class TemporalFuser:

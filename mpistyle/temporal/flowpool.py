@@ -1,11 +1,11 @@
-"""Flow ahead, in parallel: a pool of threads computing :func:`~mpistyle.flow.pair_flow` for many pairs at once.
+"""Flow ahead, in parallel: threads computing :func:`~mpistyle.temporal.flow.pair_flow` for many pairs at once.
 
 A pair's flow depends only on the two source frames, never on the fusion state, so it can run as
 far ahead of the fusion as memory allows. :class:`FlowPool` keeps at most ``lookahead`` pairs
 submitted but not yet consumed (queued, running or finished): memory stays bounded at about
 ``lookahead`` x (two grey frames + flow + mask) whatever the video length.
 
-Each worker thread has its own :class:`~mpistyle.flow.FlowEstimator` (OpenCV's DIS object is not
+Each worker thread has its own :class:`~mpistyle.temporal.flow.FlowEstimator` (OpenCV's DIS object is not
 thread-safe). OpenCV's thread count is process-global (``cv2.setNumThreads`` from any thread
 changes it for all), so a pool of more than one worker sets it to 1 while it is open: N workers
 of one OpenCV thread each scale better than one worker of N OpenCV threads (DIS parallelises
@@ -28,7 +28,7 @@ from types import TracebackType
 import cv2
 import numpy as np
 
-from mpistyle.flow import MASK_MIN_FILTER, FlowEstimator, PairFlow, pair_flow, to_gray
+from mpistyle.temporal.flow import MASK_MIN_FILTER, FlowEstimator, PairFlow, pair_flow, to_gray
 
 logger = logging.getLogger(__name__)
 

