@@ -12,6 +12,7 @@ import math
 import pytest
 
 from mpistyle import bench
+from mpistyle.bench import common, pipeline, scaling
 from mpistyle.errors import MpistyleError
 
 from .conftest import BBB, run_mpistyle
@@ -125,11 +126,11 @@ def test_bench_precision_check_and_scaling(bench_result) -> None:
     else:
         assert chk["psnr_min_db"] > 0 and chk["mean_abs_diff"] > 0
     scaling = result["scaling"]
-    assert [r["ranks"] for r in scaling] == list(bench.SCALING_RANKS)
+    assert [r["ranks"] for r in scaling] == list(common.SCALING_RANKS)
     overhead = [r["overhead_fraction"] for r in scaling]
     assert all(0 <= x < 1 for x in overhead)
     assert overhead == sorted(overhead)
-    assert scaling == bench.scaling_model(result["measured"], bench.SCALING_RANKS)
+    assert scaling == scaling.scaling_model(result["measured"], common.SCALING_RANKS)
 
 
 def test_bench_measures_rank0_cost_in_both_encode_modes(bench_result) -> None:
@@ -144,7 +145,7 @@ def test_bench_measures_rank0_cost_in_both_encode_modes(bench_result) -> None:
     assert "join" not in next(e for e in rank0_report["per_rank"] if e["rank"] == 0)["times_s"]
     for mode, report in (("segments", segments_report), ("rank0", rank0_report)):
         cost = costs[mode]
-        assert cost == bench.rank0_cost(report, mode)
+        assert cost == pipeline.rank0_cost(report, mode)
         assert cost["ranks"] == 2 and cost["frames"] == 6
         assert cost["serial_s"] == pytest.approx(sum(cost[k] for k in ("decode_s", "write_s", "encode_s", "join_s")))
         assert _finite_positive(cost["decode_s"]) and _finite_positive(cost["write_s"])
@@ -157,10 +158,10 @@ def test_bench_measures_rank0_cost_in_both_encode_modes(bench_result) -> None:
         model_in = proj["model_input"]
         assert model_in["root_serial_s"] == costs[mode]["serial_s"]
         assert model_in["segment_encode_s"] == costs[mode]["segment_encode_s"]
-        assert proj["scaling"] == bench.scaling_model(model_in, bench.SCALING_RANKS)
+        assert proj["scaling"] == scaling.scaling_model(model_in, common.SCALING_RANKS)
         assert proj["s0"] == pytest.approx(costs[mode]["serial_s"] + proj["link_s"]) and proj["link_s"] > 0
         assert proj["ceiling_fps"] == pytest.approx(1 / proj["s0"])
-        assert proj["gpu_ranks_to_wall"] == pytest.approx(proj["ceiling_fps"] / bench.GPU_RANK_FPS)
+        assert proj["gpu_ranks_to_wall"] == pytest.approx(proj["ceiling_fps"] / common.GPU_RANK_FPS)
         assert proj["scaling"][-1]["root_serial_s"] == pytest.approx(10_000 * proj["s0"])
     for mode in ("rank0", "segments"):
         assert [r["ranks"] for r in result["encode_runs"][mode].values()] == ([1, 2] if mode == "rank0" else [2])
@@ -178,27 +179,27 @@ def _report(times: list[dict], frames: list[int], counts: list[dict] | None = No
 def test_rank0_cost_splits_rank0_serial_stream() -> None:
     seg = _report([{"decode": 1.0, "write": 2.0, "join": 0.5, "segment_encode": 3.0, "network": 50.0},
                    {"segment_encode": 5.0, "network": 50.0}], [40, 60], [{"segments": 1}, {"segments": 2}])
-    cost = bench.rank0_cost(seg, "segments")
+    cost = pipeline.rank0_cost(seg, "segments")
     assert cost["decode_s"] == pytest.approx(0.01) and cost["write_s"] == pytest.approx(0.02)
     assert cost["encode_s"] == 0.0 and cost["join_s"] == pytest.approx(0.005)
     assert cost["serial_s"] == pytest.approx(0.035)  # network and the ranks' own encoders are not serial
     assert cost["segment_encode_s"] == pytest.approx(8.0 / 100) and cost["segments"] == 3
-    one = bench.rank0_cost(_report([{"decode": 1.0, "write": 2.0, "encode": 4.0}, {}], [50, 50]), "rank0")
+    one = pipeline.rank0_cost(_report([{"decode": 1.0, "write": 2.0, "encode": 4.0}, {}], [50, 50]), "rank0")
     assert one["serial_s"] == pytest.approx(0.07) and one["segment_encode_s"] == 0.0
 
 
 def test_scaling_model_uses_measured_rank0_cost() -> None:
     ranks = [1, 8, 64, 512]
     measured = {**SYNTHETIC, "frame_bytes": 0}
-    default = bench.scaling_model(measured, ranks, frames=1000)
+    default = scaling.scaling_model(measured, ranks, frames=1000)
     # A measured root_serial_s replaces the estimate from decode/write/encode and root_cpu_s.
     for s0 in (0.001, 0.05):
-        rows = bench.scaling_model({**measured, "root_serial_s": s0}, ranks, frames=1000)
+        rows = scaling.scaling_model({**measured, "root_serial_s": s0}, ranks, frames=1000)
         assert all(r["root_serial_s"] == pytest.approx(1000 * s0) for r in rows)
     assert default[0]["root_serial_s"] == pytest.approx(1000 * SYNTHETIC["root_cpu_s"])
     # Each rank's own segment encoder is per-rank compute, not serial.
-    seg = bench.scaling_model({**measured, "root_serial_s": 0.001, "segment_encode_s": 0.1}, ranks, frames=1000)
-    base = bench.scaling_model({**measured, "root_serial_s": 0.001}, ranks, frames=1000)
+    seg = scaling.scaling_model({**measured, "root_serial_s": 0.001, "segment_encode_s": 0.1}, ranks, frames=1000)
+    base = scaling.scaling_model({**measured, "root_serial_s": 0.001}, ranks, frames=1000)
     for a, b in zip(seg, base, strict=True):
         assert a["compute_s"] == pytest.approx(b["compute_s"] + 1000 * 0.1 / a["ranks"])
 
@@ -207,22 +208,22 @@ def test_encode_projection_ceiling_and_ranks_to_wall() -> None:
     measured = {"network_s": 0.5, "flow_s": 0.0, "fuse_s": 0.0, "frame_bytes": 0, "halo": 0}
     cost = {"mode": "segments", "ranks": 4, "decode_s": 0.0008, "write_s": 0.0005, "encode_s": 0.0, "join_s": 0.0007,
             "serial_s": 0.002, "segment_encode_s": 0.0}
-    proj = bench.encode_projection(measured, cost, [1, 8, 512], frames=1000, gpu_rank_fps=300.0)
+    proj = scaling.encode_projection(measured, cost, [1, 8, 512], frames=1000, gpu_rank_fps=300.0)
     assert proj["ceiling_fps"] == pytest.approx(500.0)
     assert proj["ceiling_overlapped_fps"] == pytest.approx(1 / 0.0015)  # decode overlaps write
     assert proj["gpu_ranks_to_wall"] == pytest.approx(500.0 / 300.0)
     assert proj["cpu_ranks_to_wall"] == pytest.approx(0.5 / 0.002)
-    assert proj["scaling"] == bench.scaling_model(proj["model_input"], [1, 8, 512], frames=1000)
-    slower = bench.encode_projection(measured, {**cost, "serial_s": 0.02}, [1, 8, 512], frames=1000)
+    assert proj["scaling"] == scaling.scaling_model(proj["model_input"], [1, 8, 512], frames=1000)
+    slower = scaling.encode_projection(measured, {**cost, "serial_s": 0.02}, [1, 8, 512], frames=1000)
     assert slower["ceiling_fps"] < proj["ceiling_fps"]
     assert slower["scaling"][-1]["total_s"] > proj["scaling"][-1]["total_s"]
 
 
 def test_encode_jobs_primary_run_first() -> None:
-    assert bench.encode_jobs([1, 2, 4], "both") == [(1, "rank0"), (2, "segments"), (2, "rank0"), (4, "segments"),
+    assert pipeline.encode_jobs([1, 2, 4], "both") == [(1, "rank0"), (2, "segments"), (2, "rank0"), (4, "segments"),
                                                      (4, "rank0")]
-    assert bench.encode_jobs([1, 2], "auto") == [(1, "rank0"), (2, "segments")]
-    assert bench.encode_jobs([1, 2], "segments") == [(1, "segments"), (2, "segments")]
+    assert pipeline.encode_jobs([1, 2], "auto") == [(1, "rank0"), (2, "segments")]
+    assert pipeline.encode_jobs([1, 2], "segments") == [(1, "segments"), (2, "segments")]
 
 
 def test_scaling_model_overhead_grows_with_ranks() -> None:
@@ -230,7 +231,7 @@ def test_scaling_model_overhead_grows_with_ranks() -> None:
     for measured in (SYNTHETIC, {**SYNTHETIC, "halo": 0, "halo_wait_s": 0.0},
                      {**SYNTHETIC, "decode_s": 0.0, "write_s": 0.0, "encode_s": 0.0, "frame_bytes": 0,
                       "root_cpu_s": 0.0}):
-        rows = bench.scaling_model(measured, ranks, frames=10_000)
+        rows = scaling.scaling_model(measured, ranks, frames=10_000)
         for key in ("overhead_fraction", "overhead_fraction_balanced"):
             values = [r[key] for r in rows]
             assert all(b >= a for a, b in zip(values, values[1:], strict=False)), (key, values)
@@ -242,7 +243,7 @@ def test_scaling_model_overhead_grows_with_ranks() -> None:
 
 def test_scaling_model_without_overheads_is_ideal() -> None:
     ideal = {"network_s": 0.5, "halo": 0}
-    rows = bench.scaling_model(ideal, [1, 8, 512], frames=1000)
+    rows = scaling.scaling_model(ideal, [1, 8, 512], frames=1000)
     for r in rows:
         assert r["overhead_fraction"] == pytest.approx(0.0, abs=1e-12)
         assert r["speedup"] == pytest.approx(r["ranks"])
@@ -250,7 +251,7 @@ def test_scaling_model_without_overheads_is_ideal() -> None:
 
 
 def test_scaling_model_is_bound_by_the_serial_stream() -> None:
-    rows = bench.scaling_model(SYNTHETIC, [1, 512], frames=10_000)
+    rows = scaling.scaling_model(SYNTHETIC, [1, 512], frames=10_000)
     threads_s0 = SYNTHETIC["decode_s"] + SYNTHETIC["write_s"] + SYNTHETIC["encode_s"]
     # rank 0's serial share per frame (the larger of thread clocks and CPU time), 10 Gb/s link
     s0 = max(threads_s0, SYNTHETIC["root_cpu_s"]) + 2 * SYNTHETIC["frame_bytes"] / 1.25e9
@@ -258,7 +259,7 @@ def test_scaling_model_is_bound_by_the_serial_stream() -> None:
     assert rows[1]["bound"] == "rank-0 stream"
     assert rows[1]["total_balanced_s"] >= 10_000 * s0
     with pytest.raises(ValueError):
-        bench.scaling_model(SYNTHETIC, [0])
+        scaling.scaling_model(SYNTHETIC, [0])
 
 
 def test_summarize_derives_ratio_speedup_efficiency() -> None:
@@ -267,7 +268,7 @@ def test_summarize_derives_ratio_speedup_efficiency() -> None:
                   "per_rank": [{"rank": r, "frames": 10 // n, "times_s": {"network": 1.0}} for r in range(n)]}
         return {"process_s": wall + 1.0, "report": report}
 
-    summary = bench.summarize({"per_frame_s": 0.5}, {1: run(1, 7.0, 1.0), 2: run(2, 4.0, 1.0)})
+    summary = pipeline.summarize({"per_frame_s": 0.5}, {1: run(1, 7.0, 1.0), 2: run(2, 4.0, 1.0)})
     one, two = summary["runs"]
     assert summary["ratio"] == pytest.approx(6.0 / 10 / 0.5)
     assert summary["ratio_wall"] == pytest.approx(7.0 / 10 / 0.5)
@@ -275,15 +276,15 @@ def test_summarize_derives_ratio_speedup_efficiency() -> None:
     assert two["speedup_wall"] == pytest.approx(7.0 / 4.0)
     assert one["per_rank"][0]["other_s"] == pytest.approx(5.0)
     with pytest.raises(ValueError):
-        bench.summarize({"per_frame_s": 0.5}, {2: run(2, 4.0, 1.0)})
+        pipeline.summarize({"per_frame_s": 0.5}, {2: run(2, 4.0, 1.0)})
 
 
 def test_parse_ranks_always_includes_one() -> None:
-    assert bench.parse_ranks("2,4") == [1, 2, 4]
-    assert bench.parse_ranks("2, 1,2") == [1, 2]
+    assert common.parse_ranks("2,4") == [1, 2, 4]
+    assert common.parse_ranks("2, 1,2") == [1, 2]
     for bad in ("", "0", "a,b", "-1"):
         with pytest.raises(argparse.ArgumentTypeError):
-            bench.parse_ranks(bad)
+            common.parse_ranks(bad)
 
 
 def test_bench_refuses_to_run_under_mpiexec(monkeypatch) -> None:
