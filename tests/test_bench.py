@@ -125,12 +125,12 @@ def test_bench_precision_check_and_scaling(bench_result) -> None:
         assert chk["psnr_min_db"] is None
     else:
         assert chk["psnr_min_db"] > 0 and chk["mean_abs_diff"] > 0
-    scaling = result["scaling"]
-    assert [r["ranks"] for r in scaling] == list(common.SCALING_RANKS)
-    overhead = [r["overhead_fraction"] for r in scaling]
+    rows = result["scaling"]
+    assert [r["ranks"] for r in rows] == list(common.SCALING_RANKS)
+    overhead = [r["overhead_fraction"] for r in rows]
     assert all(0 <= x < 1 for x in overhead)
     assert overhead == sorted(overhead)
-    assert scaling == scaling.scaling_model(result["measured"], common.SCALING_RANKS)
+    assert rows == scaling.scaling_model(result["measured"], common.SCALING_RANKS)
 
 
 def test_bench_measures_rank0_cost_in_both_encode_modes(bench_result) -> None:
