@@ -11,6 +11,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import MpistyleError
+from . import ceiling
 from .common import (
     CHECKOUT_CLIP,
     ENCODE_MODES,
@@ -23,7 +24,7 @@ from .common import (
     find_mpiexec,
     load_average,
     mpi_size_from_env,
-    parse_ranks,
+    parse_rank_counts,
     positive_int,
 )
 from .format import format_report
@@ -51,12 +52,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("video", nargs="?", default=None, metavar="VIDEO",
                         help=f"clip to measure on (default {CHECKOUT_CLIP} in a checkout, else the packaged "
                              "sample)")
-    parser.add_argument("--ranks", type=parse_ranks, default=[1, 2], metavar="N1,N2,...",
-                        help="rank counts to run the pipeline with (1 is always included; default 1,2)")
+    parser.add_argument("--ranks", type=parse_rank_counts, default=None, metavar="N1,N2,...",
+                        help="rank counts to run the pipeline with (default 1,2, and 1 is always included; "
+                             "--ceiling: default 1,2,4,8)")
     parser.add_argument("--threads-per-rank", type=positive_int, default=1, metavar="T",
                         help="torch/OpenCV threads per rank, also for the forward measurement (default 1)")
     parser.add_argument("--frames", type=positive_int, default=None, metavar="N",
-                        help="cut the clip to its first N frames first (default: the whole clip)")
+                        help="cut the clip to its first N frames first (default: the whole clip); --ceiling: "
+                             f"frames of every test clip (default {ceiling.FRAMES_SMALL} up to 720p, "
+                             f"{ceiling.FRAMES_LARGE} above)")
     parser.add_argument("-m", "--model", default=None,
                         help="bundled model name or .pth file (default: the bundled default)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
@@ -74,14 +78,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"video length for the scaling model (default {LONG_VIDEO_FRAMES})")
     parser.add_argument("--flow-pairs", type=positive_int, default=24, metavar="P",
                         help="pairs for the flow throughput figure at 1 thread and at all CPUs (default 24)")
-    parser.add_argument("--encode", choices=("both", "auto", *ENCODE_MODES), default="both",
+    parser.add_argument("--encode", type=_encode_list, default=None, metavar="MODE[,MODE]",
                         help="stylize --encode for the pipeline runs: both (default) runs every multi-rank count "
                              "with segments (stylize's default there) and again with rank0, to measure rank 0's "
-                             "serial cost in each; auto, rank0 or segments: one run per rank count")
+                             "serial cost in each; auto, rank0 or segments: one run per rank count. --ceiling: "
+                             "a list of rank0,segments (default both)")
     parser.add_argument("--gpu-rank-fps", type=float, default=GPU_RANK_FPS, metavar="FPS",
                         help="end-to-end frames/s of one GPU rank, for how many GPU ranks fit under rank 0's "
                              f"measured ceiling (default {GPU_RANK_FPS:.0f})")
     parser.add_argument("--mpiexec", default=None, help="MPI launcher (default: the environment's mpiexec)")
+    g = parser.add_argument_group(
+        "pipeline ceiling (--ceiling)",
+        "Real stylize runs with an identity 1x1 network, so the pipeline's own cost shows: frames/s, rank 0's "
+        "CPU time per frame (its process and ffmpeg children) and bytes received per frame; optionally side by "
+        "side with another version of the code. VIDEO (default: the packaged sample) is looped and scaled "
+        "into each test clip; --ranks, --frames, --encode, --device, --threads-per-rank, --gpu-rank-fps and "
+        "--json apply.")
+    g.add_argument("--ceiling", action="store_true", help="run the pipeline-ceiling bench instead")
+    g.add_argument("--sizes", type=_sizes, default=",".join(f"{w}x{h}" for w, h in ceiling.DEFAULT_SIZES),
+                   metavar="WxH[,WxH]", help="frame sizes (default 640x360,1920x1080)")
+    g.add_argument("--decode", type=_decode_list, default="rank0,each", metavar="MODE[,MODE]",
+                   help="stylize --decode modes, rank0 and/or each, where the code under test has --decode "
+                        "(default rank0,each; code without it runs rank0 only)")
+    g.add_argument("--ceiling-temporal", choices=("none", "flow"), default="none",
+                   help="stylize --temporal in the ceiling runs (default none: no flow, no fusion)")
+    g.add_argument("--baseline", default=None, metavar="SRC",
+                   help="also run the source tree SRC (its root, holding mpistyle/), first on PYTHONPATH")
+    g.add_argument("--baseline-ref", default=None, metavar="REF",
+                   help="also run commit REF of this checkout (extracted with git archive into a temp dir), "
+                        "e.g. 6cdba49 for v0.2")
+    g.add_argument("--baseline-label", default=None, metavar="NAME",
+                   help="name of the baseline in the tables (default base@COMMIT, or baseline)")
+    g.add_argument("--link-gbps", type=_positive_float, default=ceiling.LINK_GBPS, metavar="G",
+                   help=f"rank 0's network link for the scaling model, Gb/s (default {ceiling.LINK_GBPS:g})")
+
+
+def _encode_list(text: str) -> str:
+    items = [t for t in text.replace(" ", "").split(",") if t]
+    if not items or any(t not in ("both", "auto", *ENCODE_MODES) for t in items):
+        raise argparse.ArgumentTypeError(f"expected both, auto, rank0 or segments (--ceiling: a list), got {text!r}")
+    return ",".join(items)
+
+
+def _decode_list(text: str) -> str:
+    try:
+        return ",".join(ceiling.parse_modes(text, ceiling.DECODE_MODES, "--decode"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _sizes(text: str) -> str:
+    try:
+        return ",".join(f"{w}x{h}" for w, h in ceiling.parse_sizes(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be positive and finite: {text}")
+    return value
 
 
 def _run_row(run: dict[str, Any], one: dict[str, Any]) -> dict[str, Any]:
@@ -108,6 +168,12 @@ def main(args: argparse.Namespace) -> int:
     if mpi_size_from_env() > 1:
         raise MpistyleError("run `mpistyle bench` as a plain process, not under mpiexec: it starts mpiexec "
                             "itself")
+    if args.ceiling:
+        return _main_ceiling(args)
+    args.ranks = sorted(set(args.ranks or [1, 2]) | {1})  # speed-ups are relative to the 1-rank run
+    args.encode = args.encode or "both"
+    if "," in args.encode:
+        raise MpistyleError(f"--encode {args.encode}: one mode (a list is for --ceiling)")
     video = args.video or default_video()
     check_writable(args.json, "JSON result")
     if args.plots:
@@ -202,14 +268,33 @@ def main(args: argparse.Namespace) -> int:
             logger.warning("the %d-rank run used %s but the forward pass %s", n,
                            run["report"].get("precision"), forward["precision"])
     print(format_report(result))
-    if args.json:
-        try:
-            with open(args.json, "w", encoding="utf-8") as fh:
-                json.dump(result, fh, indent=2, default=str)
-                fh.write("\n")
-        except OSError as exc:
-            raise MpistyleError(f"cannot write {args.json}: {exc.strerror or exc}") from None
+    write_result(args.json, result)
     return 0
+
+
+def _main_ceiling(args: argparse.Namespace) -> int:
+    """``mpistyle bench --ceiling``: print the table; write the JSON."""
+    check_writable(args.json, "JSON result")
+    if args.video and not os.path.isfile(args.video):
+        raise MpistyleError(f"input not found: {args.video}")
+    args.encode = args.encode or "both"
+    if "auto" in args.encode.split(","):
+        raise MpistyleError("--ceiling --encode takes rank0 and/or segments")
+    result = ceiling.run(args, find_mpiexec(args.mpiexec))
+    print(ceiling.format_ceiling(result))
+    write_result(args.json, result)
+    return 0
+
+
+def write_result(path: str | None, result: dict[str, Any]) -> None:
+    if not path:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=2, default=str)
+            fh.write("\n")
+    except OSError as exc:
+        raise MpistyleError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def remove_quietly(path: str) -> None:

@@ -40,6 +40,17 @@ def default_video() -> str:
     return SAMPLE_CLIP
 
 
+def parse_rank_counts(text: str) -> list[int]:
+    """``"2,4,2"`` -> [2, 4] (sorted, unique, positive)."""
+    try:
+        values = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated rank counts, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"rank counts must be positive integers, got {text!r}")
+    return sorted(set(values))
+
+
 def parse_ranks(text: str) -> list[int]:
     """``"1,2,4"`` -> [1, 2, 4] (sorted, unique, 1 always included: speed-ups are relative to it)."""
     try:

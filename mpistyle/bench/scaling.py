@@ -116,3 +116,46 @@ def encode_projection(measured: dict[str, Any], cost: dict[str, Any], ranks: Seq
         "model_input": model_in,
         "scaling": scaling_model(model_in, ranks, frames=frames, link_bytes_per_s=link_bytes_per_s),
     }
+
+
+def ceiling_projection(serial_s: float, recv_bytes_per_frame: float, link_gbps: float = 10.0,
+                       gpu_rank_fps: float = GPU_RANK_FPS, ranks: Sequence[int] = (8, 64, 512)) -> dict[str, Any]:
+    """How many GPU ranks one job can use when rank 0 costs ``serial_s`` seconds per frame (pure).
+
+    ``serial_s`` is rank 0's serial seconds (CPU time) per frame of the video, measured with a network
+    that costs almost nothing (``bench --ceiling``); ``recv_bytes_per_frame`` is what rank 0 receives
+    per frame, over a link of ``link_gbps`` Gb/s. Each GPU rank runs ``gpu_rank_fps`` frames/s. Then
+
+        serial limit = 1 / serial_s                       rank 0 handles every frame once
+        link limit   = link bytes/s / recv_bytes_per_frame
+        rate(P)      = min(P x gpu_rank_fps, serial limit, link limit)
+        usable ranks = min(serial limit, link limit) / gpu_rank_fps
+
+    A limit is infinite when its cost is zero (e.g. rank 0 receives no frame data).
+    """
+    if serial_s < 0 or recv_bytes_per_frame < 0 or link_gbps <= 0 or gpu_rank_fps <= 0:
+        raise ValueError("costs must be >= 0, link and GPU rank rates > 0")
+    link_bytes_per_s = link_gbps * 1e9 / 8
+    serial_fps = 1.0 / serial_s if serial_s > 0 else math.inf
+    link_fps = link_bytes_per_s / recv_bytes_per_frame if recv_bytes_per_frame > 0 else math.inf
+    ceiling = min(serial_fps, link_fps)
+    rows = []
+    for p in ranks:
+        if p < 1:
+            raise ValueError(f"rank counts must be positive, got {p}")
+        limits = {"GPU ranks": p * gpu_rank_fps, "rank-0 serial": serial_fps, "link": link_fps}
+        bound = min(limits, key=lambda k: limits[k])  # ties: the ranks (dict order), i.e. still scaling
+        rows.append({"ranks": p, "fps": limits[bound], "bound": bound,
+                     "efficiency": limits[bound] / (p * gpu_rank_fps)})
+    return {
+        "serial_s": serial_s,
+        "recv_bytes_per_frame": recv_bytes_per_frame,
+        "link_gbps": link_gbps,
+        "gpu_rank_fps": gpu_rank_fps,
+        "serial_fps": serial_fps,
+        "link_fps": link_fps,
+        "ceiling_fps": ceiling,
+        "bound": "rank-0 serial" if serial_fps <= link_fps else "link",
+        "usable_gpu_ranks": ceiling / gpu_rank_fps,
+        "predicted": rows,
+    }
