@@ -302,3 +302,163 @@ def test_bench_bad_input_is_one_line(tmp_path) -> None:
     assert len(lines) == 1 and lines[0].startswith("mpistyle: error:") and "missing.mp4" in lines[0]
     proc = run_mpistyle(["bench", str(BBB), "--ranks", "0"])
     assert proc.returncode == 2 and "rank counts" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# --ceiling: the pipeline's own cost with an identity network
+
+
+@pytest.fixture(scope="module")
+def ceiling_result(tmp_path_factory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("ceiling") / "ceiling.json"
+    # HEAD as the baseline: always in a clone; exercises git archive, PYTHONPATH and the side-by-side ratios.
+    proc = run_mpistyle(["bench", "--ceiling", "--sizes", "128x72", "--ranks", "1,2", "--frames", "16",
+                         "--encode", "segments", "--decode", "rank0", "--baseline-ref", "HEAD",
+                         "--json", str(out)], timeout=300, check=True)
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_ceiling_runs_end_to_end(ceiling_result) -> None:
+    result, stdout = ceiling_result
+    assert result["mode"] == "ceiling" and result["temporal"] == "none"
+    new, base = result["versions"]
+    assert new["label"] == "new" and base["label"].startswith("base@") and len(base["commit"]) == 40
+    rows = result["rows"]
+    assert sorted((r["version"], r["ranks"]) for r in rows) == sorted(
+        (v, n) for v in (new["label"], base["label"]) for n in (1, 2))
+    frame_msg = 8 + 128 * 72 * 3
+    for r in rows:
+        assert (r["width"], r["height"], r["frames"], r["encode"], r["decode"]) == (128, 72, 16, "segments", "rank0")
+        assert _finite_positive(r["fps"]) and r["fps"] == pytest.approx(16 / r["wall_s"])
+        assert _finite_positive(r["cpu_ms_per_frame"]) and r["rank0_children_cpu_s"] > 0  # ffmpeg decodes
+        assert 0 < r["cpu_ms_per_frame_net"] < r["cpu_ms_per_frame"]
+        assert r["cpu_ms_per_frame"] == pytest.approx((r["rank0_self_cpu_s"] + r["rank0_children_cpu_s"]) / 16 * 1e3)
+        assert set(r["cpu_ranks"]) == {str(i) for i in range(r["ranks"])}
+        assert r["wall_s"] < r["process_s"]
+        if r["ranks"] == 1:
+            assert r["recv_bytes"] == 0
+        elif r["recv_source"] == "computed":  # v0.2 layout: rank 1's frames, one message each
+            assert r["recv_bytes"] == 8 * frame_msg
+        else:
+            assert 0 <= r["recv_bytes"] <= 16 * frame_msg * 2
+    assert len(result["ratios"]) == 2 and all(_finite_positive(q["ratio"]) for q in result["ratios"])
+    assert [p["measured_at_ranks"] for p in result["projections"]] == [2, 2]
+    for p in result["projections"]:
+        assert [x["ranks"] for x in p["predicted"]] == [8, 64, 512] and _finite_positive(p["ceiling_fps"])
+    assert "r0 CPU ms/f" in stdout and "usable GPU ranks" in stdout and base["commit"] in stdout
+
+
+def test_ceiling_bootstrap_patches_load_model_and_records_cpu(tmp_path) -> None:
+    """The bootstrap alone, as one plain process: the patched identity model, and a record on SystemExit."""
+    import subprocess
+    import sys
+
+    from mpistyle.bench import ceiling
+    from mpistyle.models import write_identity_model
+
+    from .conftest import ROOT
+
+    boot = ceiling.write_bootstrap(str(tmp_path))
+    model = write_identity_model(str(tmp_path / "identity.pth"))
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), ceiling.DIR_ENV: str(tmp_path),
+           ceiling.IDENTITY_ENV: "force", "PMI_RANK": "0"}
+    out = tmp_path / "out.mp4"
+    proc = subprocess.run([sys.executable, boot, "-q", "stylize", str(BBB), "-o", str(out), "--model", model,
+                           "--temporal", "none", "--threads", "1", "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "cpu-rank0.json").read_text())
+    assert record["patched_load_model"] is True and record["exit"] == 0 and out.is_file()
+    assert record["self_cpu_s"] > record["startup_cpu_s"] > 0 and record["children_cpu_s"] > 0
+    assert record["mpistyle_file"] == str(ROOT / "mpistyle" / "__init__.py")
+    # argparse's SystemExit(2): the record is still written, with that code.
+    proc = subprocess.run([sys.executable, boot, "stylize"], capture_output=True, text=True,
+                          env={**env, "PMI_RANK": "3"}, timeout=60)
+    assert proc.returncode == 2
+    assert json.loads((tmp_path / "cpu-rank3.json").read_text())["exit"] == 2
+
+
+def _crow(version: str, ranks: int, encode: str = "segments", decode: str = "rank0", cpu_ms: float = 10.0,
+          recv: int = 0, w: int = 640, h: int = 360) -> dict:
+    return {"version": version, "width": w, "height": h, "ranks": ranks, "encode": encode, "decode": decode,
+            "frames": 100, "cpu_ms_per_frame": cpu_ms, "cpu_ms_per_frame_net": cpu_ms / 2, "recv_bytes": recv,
+            "recv_source": "report", "recv_kb_per_frame": recv / 100 / 1e3, "fps": 50.0}
+
+
+def test_ceiling_received_bytes_from_report_or_computed() -> None:
+    from mpistyle.bench import ceiling
+
+    report = {"width": 4, "height": 2, "frames": 10, "ranks": 3,
+              "per_rank": [{"rank": 0, "frames": 4, "counts": {}}, {"rank": 1, "frames": 3, "counts": {}},
+                           {"rank": 2, "frames": 3}]}
+    assert ceiling.rank0_received_bytes(report) == (6 * (8 + 4 * 2 * 3), "computed")
+    report["per_rank"][0]["counts"]["recv_bytes"] = 123
+    assert ceiling.rank0_received_bytes(report) == (123, "report")
+    report["per_rank"][0]["counts"]["recv_bytes"] = 0  # the new pipeline may receive no frame data at all
+    assert ceiling.rank0_received_bytes(report) == (0, "report")
+    row = ceiling.ceiling_row({**report, "wall_s": 2.0},
+                              {"self_cpu_s": 3.0, "children_cpu_s": 1.0, "startup_cpu_s": 2.0}, 5.0)
+    assert row["fps"] == pytest.approx(5.0) and row["cpu_ms_per_frame"] == pytest.approx(400.0)
+    assert row["cpu_ms_per_frame_net"] == pytest.approx(200.0) and row["recv_kb_per_frame"] == 0.0
+
+
+def test_ceiling_ratios_and_projections() -> None:
+    from mpistyle.bench import ceiling
+
+    rows = [_crow("v02", 1, cpu_ms=30.0), _crow("v02", 4, cpu_ms=40.0, recv=100 * 691_208),
+            _crow("new", 1, cpu_ms=15.0), _crow("new", 4, cpu_ms=10.0),
+            _crow("new", 4, decode="each", cpu_ms=5.0), _crow("new", 4, encode="rank0", cpu_ms=20.0),
+            _crow("new", 2, decode="each", cpu_ms=8.0)]
+    qs = {(q["ranks"], q["encode"], q["decode"]): q["ratio"] for q in ceiling.ratios(rows, "v02", "new")}
+    assert qs == {(1, "segments", "rank0"): 2.0, (4, "segments", "rank0"): 4.0, (4, "segments", "each"): 8.0}
+    proj = {(p["version"], p["decode"]): p for p in ceiling.projections(rows, link_gbps=10.0, gpu_rank_fps=300.0)}
+    assert set(proj) == {("v02", "rank0"), ("new", "rank0"), ("new", "each")}
+    assert all(p["measured_at_ranks"] == 4 for p in proj.values())  # the largest segments run, not the rank0 one
+    assert proj[("new", "each")]["serial_s"] == pytest.approx(0.0025)  # net CPU: 5 ms / 2
+    v02 = proj[("v02", "rank0")]
+    assert v02["recv_bytes_per_frame"] == 691_208 and v02["serial_s"] == pytest.approx(0.02)
+    assert v02["serial_fps"] == pytest.approx(50.0) and v02["link_fps"] == pytest.approx(1.25e9 / 691_208)
+
+
+def test_ceiling_projection_bounds() -> None:
+    # rank 0 at 2 ms/frame: 500 f/s; 1 MB/frame over 10 Gb/s: 1250 f/s; GPU ranks at 300 f/s.
+    p = scaling.ceiling_projection(0.002, 1e6, link_gbps=10.0, gpu_rank_fps=300.0, ranks=(1, 8, 512))
+    assert p["serial_fps"] == pytest.approx(500.0) and p["link_fps"] == pytest.approx(1250.0)
+    assert p["ceiling_fps"] == pytest.approx(500.0) and p["bound"] == "rank-0 serial"
+    assert p["usable_gpu_ranks"] == pytest.approx(500.0 / 300.0)
+    assert [(x["fps"], x["bound"]) for x in p["predicted"]] == [
+        (300.0, "GPU ranks"), (pytest.approx(500.0), "rank-0 serial"), (pytest.approx(500.0), "rank-0 serial")]
+    assert p["predicted"][1]["efficiency"] == pytest.approx(500.0 / 2400.0)
+    # Link-bound: 1080p frames to rank 0 over 10 Gb/s, rank 0 itself cheap.
+    q = scaling.ceiling_projection(0.0001, 8 + 1920 * 1080 * 3, ranks=(8, 64))
+    assert q["bound"] == "link" and q["ceiling_fps"] == pytest.approx(1.25e9 / (8 + 1920 * 1080 * 3))
+    assert q["predicted"][1]["bound"] == "link"
+    # No frame data to rank 0 and no serial cost: only the ranks limit.
+    r = scaling.ceiling_projection(0.0, 0.0, ranks=(512,))
+    assert math.isinf(r["ceiling_fps"]) and r["predicted"][0]["fps"] == pytest.approx(512 * 300.0)
+    with pytest.raises(ValueError):
+        scaling.ceiling_projection(0.001, 0.0, link_gbps=0.0)
+
+
+def test_ceiling_parsers_and_table() -> None:
+    from mpistyle.bench import ceiling
+
+    assert ceiling.parse_sizes("640x360, 1920X1080,640x360") == [(640, 360), (1920, 1080)]
+    for bad in ("", "640", "641x360", "0x0", "axb"):
+        with pytest.raises(ValueError):
+            ceiling.parse_sizes(bad)
+    assert ceiling.parse_modes("both", ceiling.ENCODE_MODES, "--encode") == ["rank0", "segments"]
+    assert ceiling.parse_modes("each,rank0,each", ceiling.DECODE_MODES, "--decode") == ["each", "rank0"]
+    with pytest.raises(ValueError):
+        ceiling.parse_modes("auto", ceiling.ENCODE_MODES, "--encode")
+    assert ceiling.default_frames(640, 360) == 96 and ceiling.default_frames(1920, 1080) == 48
+    rows = [{**_crow("v02", 2, cpu_ms=12.5, recv=100 * 691_208), "recv_source": "computed"},
+            _crow("new", 2, cpu_ms=6.25)]
+    result = {"versions": [{"label": "new", "source": "/src/new", "commit": None, "decode_flag": True},
+                           {"label": "v02", "source": "/src/v02", "commit": "c" * 40, "decode_flag": False}],
+              "new_label": "new", "baseline_label": "v02", "temporal": "none", "threads": 1, "device": "cpu",
+              "host": {"cpus": 2, "load_start": 0.1, "load_end": 0.2}, "rows": rows,
+              "ratios": ceiling.ratios(rows, "v02", "new"), "projections": ceiling.projections(rows)}
+    text = ceiling.format_ceiling(result)
+    assert "12.5" in text and "6.2" in text and "691*" in text and "2.00x" in text and "c" * 40 in text
+    assert "f/s @512 GPU ranks" in text and "--decode yes" in text
