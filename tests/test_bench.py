@@ -438,6 +438,9 @@ def test_ceiling_projection_bounds() -> None:
     assert math.isinf(r["ceiling_fps"]) and r["predicted"][0]["fps"] == pytest.approx(512 * 300.0)
     with pytest.raises(ValueError):
         scaling.ceiling_projection(0.001, 0.0, link_gbps=0.0)
+    from mpistyle.bench.ceiling import json_safe
+
+    assert json_safe({"a": [math.inf, 1.0], "b": (math.nan,), "c": "x"}) == {"a": [None, 1.0], "b": [None], "c": "x"}
 
 
 def test_ceiling_parsers_and_table() -> None:

@@ -409,6 +409,17 @@ def projections(rows: Iterable[dict[str, Any]], link_gbps: float = LINK_GBPS, gp
     return out
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with infinities and NaN as None: strict JSON readers (jq, browsers) refuse ``Infinity``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 # --------------------------------------------------------------------------------------------
 # text
 

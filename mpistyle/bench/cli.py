@@ -282,7 +282,7 @@ def _main_ceiling(args: argparse.Namespace) -> int:
         raise MpistyleError("--ceiling --encode takes rank0 and/or segments")
     result = ceiling.run(args, find_mpiexec(args.mpiexec))
     print(ceiling.format_ceiling(result))
-    write_result(args.json, result)
+    write_result(args.json, ceiling.json_safe(result))
     return 0
 
 
