@@ -465,3 +465,26 @@ def test_ceiling_parsers_and_table() -> None:
     text = ceiling.format_ceiling(result)
     assert "12.5" in text and "6.2" in text and "691*" in text and "2.00x" in text and "c" * 40 in text
     assert "f/s @512 GPU ranks" in text and "--decode yes" in text
+
+
+def test_ceiling_matrix_keeps_going_past_a_failed_run(monkeypatch) -> None:
+    from mpistyle.bench import ceiling
+
+    def fake_job(mpiexec, version, boot, clip, model, n, w, h, encode, decode, *rest):
+        if n == 2:
+            raise MpistyleError(f"the {n}-rank run failed")
+        return _crow(version.label, n, encode=encode, decode=decode, w=w, h=h)
+
+    monkeypatch.setattr(ceiling, "run_job", fake_job)
+    monkeypatch.setattr(ceiling, "supports_decode", lambda v: True)
+    monkeypatch.setattr(ceiling, "make_clip", lambda src, w, h, frames, d: __import__("shutil").copy(str(BBB), d))
+    args = argparse.Namespace(sizes="128x72", encode="segments", decode="rank0,each", ranks=[1, 2], video=None,
+                              threads_per_rank=1, baseline=None, baseline_ref=None, baseline_label=None, frames=4,
+                              ceiling_temporal="none", device="cpu", link_gbps=10.0, gpu_rank_fps=300.0)
+    result = ceiling.run(args, "mpiexec")
+    assert [(r["ranks"], r["decode"]) for r in result["rows"]] == [(1, "rank0"), (1, "each")]
+    assert [(f["ranks"], f["decode"]) for f in result["failures"]] == [(2, "rank0"), (2, "each")]
+    assert "FAILED: new 128x72 2 rank(s) segments/each: the 2-rank run failed" in ceiling.format_ceiling(result)
+    monkeypatch.setattr(args, "ranks", [2])
+    with pytest.raises(MpistyleError, match="every ceiling run failed"):
+        ceiling.run(args, "mpiexec")

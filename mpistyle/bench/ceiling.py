@@ -443,6 +443,9 @@ def format_ceiling(result: dict[str, Any]) -> str:
             for r in result["rows"]]
     lines += table(["version", "size", "ranks", "encode", "decode", "frames", "frames/s", "r0 CPU ms/f",
                     "net ms/f", "r0 recv KB/f"], body)
+    for f in result.get("failures") or []:
+        lines.append(f"  FAILED: {f['version']} {f['width']}x{f['height']} {f['ranks']} rank(s) "
+                     f"{f['encode']}/{f['decode']}: {f['error']}")
     if result.get("ratios"):
         lines += ["", f"rank-0 CPU per frame, {result['baseline_label']} / {result['new_label']} "
                       "(> 1: the new code costs rank 0 less; total / net):"]
@@ -506,6 +509,7 @@ def run(args: Any, mpiexec: str) -> dict[str, Any]:
         model = write_identity_model(os.path.join(tmp, "identity.pth"))
         bootstrap = write_bootstrap(tmp)
         rows: list[dict[str, Any]] = []
+        failures: list[dict[str, Any]] = []
         for width, height in sizes:
             frames = args.frames or default_frames(width, height)
             clip = make_clip(source_clip, width, height, frames, tmp)
@@ -515,14 +519,22 @@ def run(args: Any, mpiexec: str) -> dict[str, Any]:
                         for decode in decodes:
                             if decode != "rank0" and not v.decode_flag:
                                 continue
-                            rows.append(run_job(mpiexec, v, bootstrap, clip, model, n, width, height, encode,
-                                                decode, args.ceiling_temporal, args.threads_per_rank, args.device,
-                                                tmp))
-                            r = rows[-1]
+                            try:
+                                r = run_job(mpiexec, v, bootstrap, clip, model, n, width, height, encode, decode,
+                                            args.ceiling_temporal, args.threads_per_rank, args.device, tmp)
+                            except MpistyleError as exc:  # keep the rest of a long matrix; listed in the result
+                                logger.warning("%s", exc)
+                                failures.append({"version": v.label, "width": width, "height": height, "ranks": n,
+                                                 "encode": encode, "decode": decode, "error": str(exc)})
+                                continue
+                            rows.append(r)
                             logger.info("%s %dx%d n=%d %s/%s: %.1f f/s, rank 0 %.1f ms CPU/frame, %.0f KB/frame",
                                         v.label, width, height, n, encode, decode, r["fps"], r["cpu_ms_per_frame"],
                                         r["recv_kb_per_frame"])
             os.unlink(clip)
+    if not rows:
+        raise MpistyleError(f"every ceiling run failed; the first: {failures[0]['error']}" if failures
+                            else "no ceiling run to do (check --decode against the code's options)")
     baseline_label = versions[1].label if len(versions) > 1 else None
     return {
         "mode": "ceiling",
@@ -540,6 +552,7 @@ def run(args: Any, mpiexec: str) -> dict[str, Any]:
         "source_clip": source_clip,
         "host": {"cpus": cpus, "load_start": load_start, "load_end": load_average()},
         "rows": rows,
+        "failures": failures,
         "ratios": ratios(rows, baseline_label, new.label) if baseline_label else [],
         "projections": projections(rows, args.link_gbps, args.gpu_rank_fps),
     }
