@@ -462,7 +462,7 @@ def format_ceiling(result: dict[str, Any]) -> str:
                       "bytes/frame); serial = the largest --encode segments run's net rank-0 CPU per frame:"]
         body = [[p["version"], f"{p['width']}x{p['height']}", p["decode"], str(p["measured_at_ranks"]),
                  fmt(p["serial_s"] * 1e3, ".2f"), fmt(p["recv_bytes_per_frame"] / 1e3, ".0f"),
-                 fmt(p["serial_fps"], ".0f"), fmt(p["link_fps"], ".0f"), fmt(p["usable_gpu_ranks"], ".1f"),
+                 fmt(p["serial_fps"], ".0f"), fmt(p["link_fps"], ".0f"), fmt(p["usable_gpu_ranks"], ".2f"),
                  *(fmt(x["fps"], ".0f") + f" ({x['bound']})" for x in p["predicted"])]
                 for p in result["projections"]]
         lines += table(["version", "size", "decode", "from ranks", "serial ms/f", "recv KB/f", "serial f/s",
