@@ -279,6 +279,12 @@ def test_summarize_derives_ratio_speedup_efficiency() -> None:
         pipeline.summarize({"per_frame_s": 0.5}, {2: run(2, 4.0, 1.0)})
 
 
+def test_package_keeps_the_old_module_names() -> None:
+    # bin/gpu-check and code written against the single-module bench.py use these.
+    assert bench.rank0_cost is pipeline.rank0_cost and bench.encode_projection is scaling.encode_projection
+    assert bench.SCALING_RANKS == common.SCALING_RANKS and callable(bench.main) and callable(bench.add_arguments)
+
+
 def test_parse_ranks_always_includes_one() -> None:
     assert common.parse_ranks("2,4") == [1, 2, 4]
     assert common.parse_ranks("2, 1,2") == [1, 2]

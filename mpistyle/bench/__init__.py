@@ -52,6 +52,38 @@ Layout (one concern per module):
 
 from __future__ import annotations
 
+# add_arguments and main: what mpistyle.cli uses. The rest: the names the single-module bench.py had,
+# for scripts that use them (bin/gpu-check: rank0_cost, encode_projection, SCALING_RANKS).
 from .cli import add_arguments, main
+from .common import (
+    ENCODE_MODES,
+    GPU_RANK_FPS,
+    HELPER_PHASES,
+    LONG_VIDEO_FRAMES,
+    MAIN_PHASES,
+    SCALING_RANKS,
+    TARGETS,
+    cut_video,
+    default_video,
+    parse_ranks,
+)
+from .format import format_report
+from .measure import measure_flow, measure_forward, measure_fusion
+from .pipeline import (
+    encode_jobs,
+    measured_costs,
+    overhead_breakdown,
+    rank0_cost,
+    run_pipeline,
+    summarize,
+    work_seconds,
+)
+from .scaling import ceiling_projection, encode_projection, root_serial_per_frame, scaling_model
 
-__all__ = ["add_arguments", "main"]
+__all__ = [
+    "ENCODE_MODES", "GPU_RANK_FPS", "HELPER_PHASES", "LONG_VIDEO_FRAMES", "MAIN_PHASES", "SCALING_RANKS", "TARGETS",
+    "add_arguments", "ceiling_projection", "cut_video", "default_video", "encode_jobs", "encode_projection",
+    "format_report", "main", "measure_flow", "measure_forward", "measure_fusion", "measured_costs",
+    "overhead_breakdown", "parse_ranks", "rank0_cost", "root_serial_per_frame", "run_pipeline", "scaling_model",
+    "summarize", "work_seconds",
+]
