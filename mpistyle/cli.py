@@ -212,7 +212,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         info = model_info(path)
         mark = " (default)" if name == DEFAULT_MODEL else ""
         style = info.get("style_image") or info.get("style") or "?"
-        detail = ", ".join(f"{k}={info[k]}" for k in ("steps", "size") if k in info)
+        detail = ", ".join(f"{k}={info[k]}" for k in ("architecture", "steps", "size") if k in info)
         print(f"{name}{mark}: style {style}{'; ' + detail if detail else ''}  [{path}]")
     return 0
 

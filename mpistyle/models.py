@@ -1,5 +1,8 @@
 """Per-frame style networks: the fast_neural_style TransformerNet, safe loading, saving, inference.
 
+A second, tiny architecture, :class:`PointwiseNet` (a 1x1 convolution), loads through the same safe
+path; its identity instance (:func:`write_identity_model`) lets benchmarks measure the pipeline alone.
+
 The layout and the state-dict key names are exactly those of pytorch/examples' fast_neural_style,
 so models trained by ``mpistyle train`` load in other tools and theirs load here.
 """
@@ -210,11 +213,42 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_model(spec: str | None, device: str | torch.device = "cpu") -> TransformerNet:
-    """Load a TransformerNet from a bundled name or a .pth path; eval mode, on ``device``."""
+class PointwiseNet(nn.Module):
+    """A 1x1 convolution 3->3 (key ``pointwise``); RGB 0..255 in and out, like :class:`TransformerNet`.
+
+    Why: with identity weights (:func:`write_identity_model`) the network costs almost nothing and
+    returns the frame, so a stylize run measures the pipeline itself (``mpistyle bench --ceiling``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pointwise = nn.Conv2d(3, 3, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(x)
+
+
+# Architectures load_model knows, recognised by their state-dict keys: (class, description for errors).
+ARCHITECTURES: dict[str, tuple[type[nn.Module], str]] = {
+    "transformer": (TransformerNet, "a fast_neural_style TransformerNet"),
+    "pointwise": (PointwiseNet, "a PointwiseNet (1x1 convolution 3->3)"),
+}
+
+
+def architecture_of(state: dict[str, torch.Tensor]) -> str:
+    """Which of :data:`ARCHITECTURES` a state dict is meant for: ``pointwise`` when its keys say so."""
+    # Any pointwise key and no TransformerNet key: a PointwiseNet (whose errors then name the odd keys).
+    if any(k.startswith("pointwise.") for k in state) and not any(k.startswith("conv1.") for k in state):
+        return "pointwise"
+    return "transformer"  # the default: its error message lists what is missing
+
+
+def load_model(spec: str | None, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a TransformerNet (or a PointwiseNet) from a bundled name or a .pth path; eval mode, on ``device``."""
     path = resolve_model(spec)
     state = clean_state_dict(_read_state_dict(path))
-    model = TransformerNet()
+    cls, what = ARCHITECTURES[architecture_of(state)]
+    model = cls()
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -224,13 +258,11 @@ def load_model(spec: str | None, device: str | torch.device = "cpu") -> Transfor
             parts.append(f"missing keys {_abbrev(missing)}")
         if unexpected:
             parts.append(f"unexpected keys {_abbrev(unexpected)}")
-        raise MpistyleError(
-            f"model file {path} is not a fast_neural_style TransformerNet: " + "; ".join(parts)
-        )
+        raise MpistyleError(f"model file {path} is not {what}: " + "; ".join(parts))
     for key, value in expected.items():
         if state[key].shape != value.shape:
             raise MpistyleError(
-                f"model file {path} is not a fast_neural_style TransformerNet: shape mismatch "
+                f"model file {path} is not {what}: shape mismatch "
                 f"for {key}: {tuple(state[key].shape)} in file, {tuple(value.shape)} expected"
             )
     model.load_state_dict(state, strict=True)
@@ -238,6 +270,21 @@ def load_model(spec: str | None, device: str | torch.device = "cpu") -> Transfor
     if bad:
         raise MpistyleError(f"model file {path} has non-finite weights in {_abbrev(bad)}")
     return model.eval().to(device)
+
+
+def identity_model() -> PointwiseNet:
+    """A PointwiseNet that returns its input: weight = identity, bias = 0 (exact in fp32, bf16 and fp16)."""
+    net = PointwiseNet()
+    with torch.no_grad():
+        net.pointwise.weight.copy_(torch.eye(3).reshape(3, 3, 1, 1))
+        net.pointwise.bias.zero_()
+    return net.eval()
+
+
+def write_identity_model(path: str) -> str:
+    """Write the identity :class:`PointwiseNet` to ``path`` (fp32, with a provenance record); returns ``path``."""
+    save_model(identity_model(), path, {"architecture": "PointwiseNet", "style": "identity"}, half=False)
+    return path
 
 
 def _abbrev(keys: list[str], n: int = 3) -> str:
@@ -502,7 +549,7 @@ class Stylizer:
     """
 
     def __init__(
-        self, model: TransformerNet, device: torch.device, precision: str = "auto", channels_last: bool = True
+        self, model: nn.Module, device: torch.device, precision: str = "auto", channels_last: bool = True
     ) -> None:
         self.device = torch.device(device)
         self.dtype = resolve_precision(precision, self.device)

@@ -12,6 +12,7 @@ import math
 import pytest
 
 from mpistyle import bench
+from mpistyle.bench import common, pipeline, scaling
 from mpistyle.errors import MpistyleError
 
 from .conftest import BBB, run_mpistyle
@@ -124,12 +125,12 @@ def test_bench_precision_check_and_scaling(bench_result) -> None:
         assert chk["psnr_min_db"] is None
     else:
         assert chk["psnr_min_db"] > 0 and chk["mean_abs_diff"] > 0
-    scaling = result["scaling"]
-    assert [r["ranks"] for r in scaling] == list(bench.SCALING_RANKS)
-    overhead = [r["overhead_fraction"] for r in scaling]
+    rows = result["scaling"]
+    assert [r["ranks"] for r in rows] == list(common.SCALING_RANKS)
+    overhead = [r["overhead_fraction"] for r in rows]
     assert all(0 <= x < 1 for x in overhead)
     assert overhead == sorted(overhead)
-    assert scaling == bench.scaling_model(result["measured"], bench.SCALING_RANKS)
+    assert rows == scaling.scaling_model(result["measured"], common.SCALING_RANKS)
 
 
 def test_bench_measures_rank0_cost_in_both_encode_modes(bench_result) -> None:
@@ -144,7 +145,7 @@ def test_bench_measures_rank0_cost_in_both_encode_modes(bench_result) -> None:
     assert "join" not in next(e for e in rank0_report["per_rank"] if e["rank"] == 0)["times_s"]
     for mode, report in (("segments", segments_report), ("rank0", rank0_report)):
         cost = costs[mode]
-        assert cost == bench.rank0_cost(report, mode)
+        assert cost == pipeline.rank0_cost(report, mode)
         assert cost["ranks"] == 2 and cost["frames"] == 6
         assert cost["serial_s"] == pytest.approx(sum(cost[k] for k in ("decode_s", "write_s", "encode_s", "join_s")))
         assert _finite_positive(cost["decode_s"]) and _finite_positive(cost["write_s"])
@@ -157,10 +158,10 @@ def test_bench_measures_rank0_cost_in_both_encode_modes(bench_result) -> None:
         model_in = proj["model_input"]
         assert model_in["root_serial_s"] == costs[mode]["serial_s"]
         assert model_in["segment_encode_s"] == costs[mode]["segment_encode_s"]
-        assert proj["scaling"] == bench.scaling_model(model_in, bench.SCALING_RANKS)
+        assert proj["scaling"] == scaling.scaling_model(model_in, common.SCALING_RANKS)
         assert proj["s0"] == pytest.approx(costs[mode]["serial_s"] + proj["link_s"]) and proj["link_s"] > 0
         assert proj["ceiling_fps"] == pytest.approx(1 / proj["s0"])
-        assert proj["gpu_ranks_to_wall"] == pytest.approx(proj["ceiling_fps"] / bench.GPU_RANK_FPS)
+        assert proj["gpu_ranks_to_wall"] == pytest.approx(proj["ceiling_fps"] / common.GPU_RANK_FPS)
         assert proj["scaling"][-1]["root_serial_s"] == pytest.approx(10_000 * proj["s0"])
     for mode in ("rank0", "segments"):
         assert [r["ranks"] for r in result["encode_runs"][mode].values()] == ([1, 2] if mode == "rank0" else [2])
@@ -178,27 +179,27 @@ def _report(times: list[dict], frames: list[int], counts: list[dict] | None = No
 def test_rank0_cost_splits_rank0_serial_stream() -> None:
     seg = _report([{"decode": 1.0, "write": 2.0, "join": 0.5, "segment_encode": 3.0, "network": 50.0},
                    {"segment_encode": 5.0, "network": 50.0}], [40, 60], [{"segments": 1}, {"segments": 2}])
-    cost = bench.rank0_cost(seg, "segments")
+    cost = pipeline.rank0_cost(seg, "segments")
     assert cost["decode_s"] == pytest.approx(0.01) and cost["write_s"] == pytest.approx(0.02)
     assert cost["encode_s"] == 0.0 and cost["join_s"] == pytest.approx(0.005)
     assert cost["serial_s"] == pytest.approx(0.035)  # network and the ranks' own encoders are not serial
     assert cost["segment_encode_s"] == pytest.approx(8.0 / 100) and cost["segments"] == 3
-    one = bench.rank0_cost(_report([{"decode": 1.0, "write": 2.0, "encode": 4.0}, {}], [50, 50]), "rank0")
+    one = pipeline.rank0_cost(_report([{"decode": 1.0, "write": 2.0, "encode": 4.0}, {}], [50, 50]), "rank0")
     assert one["serial_s"] == pytest.approx(0.07) and one["segment_encode_s"] == 0.0
 
 
 def test_scaling_model_uses_measured_rank0_cost() -> None:
     ranks = [1, 8, 64, 512]
     measured = {**SYNTHETIC, "frame_bytes": 0}
-    default = bench.scaling_model(measured, ranks, frames=1000)
+    default = scaling.scaling_model(measured, ranks, frames=1000)
     # A measured root_serial_s replaces the estimate from decode/write/encode and root_cpu_s.
     for s0 in (0.001, 0.05):
-        rows = bench.scaling_model({**measured, "root_serial_s": s0}, ranks, frames=1000)
+        rows = scaling.scaling_model({**measured, "root_serial_s": s0}, ranks, frames=1000)
         assert all(r["root_serial_s"] == pytest.approx(1000 * s0) for r in rows)
     assert default[0]["root_serial_s"] == pytest.approx(1000 * SYNTHETIC["root_cpu_s"])
     # Each rank's own segment encoder is per-rank compute, not serial.
-    seg = bench.scaling_model({**measured, "root_serial_s": 0.001, "segment_encode_s": 0.1}, ranks, frames=1000)
-    base = bench.scaling_model({**measured, "root_serial_s": 0.001}, ranks, frames=1000)
+    seg = scaling.scaling_model({**measured, "root_serial_s": 0.001, "segment_encode_s": 0.1}, ranks, frames=1000)
+    base = scaling.scaling_model({**measured, "root_serial_s": 0.001}, ranks, frames=1000)
     for a, b in zip(seg, base, strict=True):
         assert a["compute_s"] == pytest.approx(b["compute_s"] + 1000 * 0.1 / a["ranks"])
 
@@ -207,22 +208,22 @@ def test_encode_projection_ceiling_and_ranks_to_wall() -> None:
     measured = {"network_s": 0.5, "flow_s": 0.0, "fuse_s": 0.0, "frame_bytes": 0, "halo": 0}
     cost = {"mode": "segments", "ranks": 4, "decode_s": 0.0008, "write_s": 0.0005, "encode_s": 0.0, "join_s": 0.0007,
             "serial_s": 0.002, "segment_encode_s": 0.0}
-    proj = bench.encode_projection(measured, cost, [1, 8, 512], frames=1000, gpu_rank_fps=300.0)
+    proj = scaling.encode_projection(measured, cost, [1, 8, 512], frames=1000, gpu_rank_fps=300.0)
     assert proj["ceiling_fps"] == pytest.approx(500.0)
     assert proj["ceiling_overlapped_fps"] == pytest.approx(1 / 0.0015)  # decode overlaps write
     assert proj["gpu_ranks_to_wall"] == pytest.approx(500.0 / 300.0)
     assert proj["cpu_ranks_to_wall"] == pytest.approx(0.5 / 0.002)
-    assert proj["scaling"] == bench.scaling_model(proj["model_input"], [1, 8, 512], frames=1000)
-    slower = bench.encode_projection(measured, {**cost, "serial_s": 0.02}, [1, 8, 512], frames=1000)
+    assert proj["scaling"] == scaling.scaling_model(proj["model_input"], [1, 8, 512], frames=1000)
+    slower = scaling.encode_projection(measured, {**cost, "serial_s": 0.02}, [1, 8, 512], frames=1000)
     assert slower["ceiling_fps"] < proj["ceiling_fps"]
     assert slower["scaling"][-1]["total_s"] > proj["scaling"][-1]["total_s"]
 
 
 def test_encode_jobs_primary_run_first() -> None:
-    assert bench.encode_jobs([1, 2, 4], "both") == [(1, "rank0"), (2, "segments"), (2, "rank0"), (4, "segments"),
+    assert pipeline.encode_jobs([1, 2, 4], "both") == [(1, "rank0"), (2, "segments"), (2, "rank0"), (4, "segments"),
                                                      (4, "rank0")]
-    assert bench.encode_jobs([1, 2], "auto") == [(1, "rank0"), (2, "segments")]
-    assert bench.encode_jobs([1, 2], "segments") == [(1, "segments"), (2, "segments")]
+    assert pipeline.encode_jobs([1, 2], "auto") == [(1, "rank0"), (2, "segments")]
+    assert pipeline.encode_jobs([1, 2], "segments") == [(1, "segments"), (2, "segments")]
 
 
 def test_scaling_model_overhead_grows_with_ranks() -> None:
@@ -230,7 +231,7 @@ def test_scaling_model_overhead_grows_with_ranks() -> None:
     for measured in (SYNTHETIC, {**SYNTHETIC, "halo": 0, "halo_wait_s": 0.0},
                      {**SYNTHETIC, "decode_s": 0.0, "write_s": 0.0, "encode_s": 0.0, "frame_bytes": 0,
                       "root_cpu_s": 0.0}):
-        rows = bench.scaling_model(measured, ranks, frames=10_000)
+        rows = scaling.scaling_model(measured, ranks, frames=10_000)
         for key in ("overhead_fraction", "overhead_fraction_balanced"):
             values = [r[key] for r in rows]
             assert all(b >= a for a, b in zip(values, values[1:], strict=False)), (key, values)
@@ -242,7 +243,7 @@ def test_scaling_model_overhead_grows_with_ranks() -> None:
 
 def test_scaling_model_without_overheads_is_ideal() -> None:
     ideal = {"network_s": 0.5, "halo": 0}
-    rows = bench.scaling_model(ideal, [1, 8, 512], frames=1000)
+    rows = scaling.scaling_model(ideal, [1, 8, 512], frames=1000)
     for r in rows:
         assert r["overhead_fraction"] == pytest.approx(0.0, abs=1e-12)
         assert r["speedup"] == pytest.approx(r["ranks"])
@@ -250,7 +251,7 @@ def test_scaling_model_without_overheads_is_ideal() -> None:
 
 
 def test_scaling_model_is_bound_by_the_serial_stream() -> None:
-    rows = bench.scaling_model(SYNTHETIC, [1, 512], frames=10_000)
+    rows = scaling.scaling_model(SYNTHETIC, [1, 512], frames=10_000)
     threads_s0 = SYNTHETIC["decode_s"] + SYNTHETIC["write_s"] + SYNTHETIC["encode_s"]
     # rank 0's serial share per frame (the larger of thread clocks and CPU time), 10 Gb/s link
     s0 = max(threads_s0, SYNTHETIC["root_cpu_s"]) + 2 * SYNTHETIC["frame_bytes"] / 1.25e9
@@ -258,7 +259,7 @@ def test_scaling_model_is_bound_by_the_serial_stream() -> None:
     assert rows[1]["bound"] == "rank-0 stream"
     assert rows[1]["total_balanced_s"] >= 10_000 * s0
     with pytest.raises(ValueError):
-        bench.scaling_model(SYNTHETIC, [0])
+        scaling.scaling_model(SYNTHETIC, [0])
 
 
 def test_summarize_derives_ratio_speedup_efficiency() -> None:
@@ -267,7 +268,7 @@ def test_summarize_derives_ratio_speedup_efficiency() -> None:
                   "per_rank": [{"rank": r, "frames": 10 // n, "times_s": {"network": 1.0}} for r in range(n)]}
         return {"process_s": wall + 1.0, "report": report}
 
-    summary = bench.summarize({"per_frame_s": 0.5}, {1: run(1, 7.0, 1.0), 2: run(2, 4.0, 1.0)})
+    summary = pipeline.summarize({"per_frame_s": 0.5}, {1: run(1, 7.0, 1.0), 2: run(2, 4.0, 1.0)})
     one, two = summary["runs"]
     assert summary["ratio"] == pytest.approx(6.0 / 10 / 0.5)
     assert summary["ratio_wall"] == pytest.approx(7.0 / 10 / 0.5)
@@ -275,15 +276,21 @@ def test_summarize_derives_ratio_speedup_efficiency() -> None:
     assert two["speedup_wall"] == pytest.approx(7.0 / 4.0)
     assert one["per_rank"][0]["other_s"] == pytest.approx(5.0)
     with pytest.raises(ValueError):
-        bench.summarize({"per_frame_s": 0.5}, {2: run(2, 4.0, 1.0)})
+        pipeline.summarize({"per_frame_s": 0.5}, {2: run(2, 4.0, 1.0)})
+
+
+def test_package_keeps_the_old_module_names() -> None:
+    # bin/gpu-check and code written against the single-module bench.py use these.
+    assert bench.rank0_cost is pipeline.rank0_cost and bench.encode_projection is scaling.encode_projection
+    assert bench.SCALING_RANKS == common.SCALING_RANKS and callable(bench.main) and callable(bench.add_arguments)
 
 
 def test_parse_ranks_always_includes_one() -> None:
-    assert bench.parse_ranks("2,4") == [1, 2, 4]
-    assert bench.parse_ranks("2, 1,2") == [1, 2]
+    assert common.parse_ranks("2,4") == [1, 2, 4]
+    assert common.parse_ranks("2, 1,2") == [1, 2]
     for bad in ("", "0", "a,b", "-1"):
         with pytest.raises(argparse.ArgumentTypeError):
-            bench.parse_ranks(bad)
+            common.parse_ranks(bad)
 
 
 def test_bench_refuses_to_run_under_mpiexec(monkeypatch) -> None:
@@ -301,3 +308,189 @@ def test_bench_bad_input_is_one_line(tmp_path) -> None:
     assert len(lines) == 1 and lines[0].startswith("mpistyle: error:") and "missing.mp4" in lines[0]
     proc = run_mpistyle(["bench", str(BBB), "--ranks", "0"])
     assert proc.returncode == 2 and "rank counts" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# --ceiling: the pipeline's own cost with an identity network
+
+
+@pytest.fixture(scope="module")
+def ceiling_result(tmp_path_factory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("ceiling") / "ceiling.json"
+    # HEAD as the baseline: always in a clone; exercises git archive, PYTHONPATH and the side-by-side ratios.
+    proc = run_mpistyle(["bench", "--ceiling", "--sizes", "128x72", "--ranks", "1,2", "--frames", "16",
+                         "--encode", "segments", "--decode", "rank0", "--baseline-ref", "HEAD",
+                         "--json", str(out)], timeout=300, check=True)
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_ceiling_runs_end_to_end(ceiling_result) -> None:
+    result, stdout = ceiling_result
+    assert result["mode"] == "ceiling" and result["temporal"] == "none"
+    new, base = result["versions"]
+    assert new["label"] == "new" and base["label"].startswith("base@") and len(base["commit"]) == 40
+    rows = result["rows"]
+    assert sorted((r["version"], r["ranks"]) for r in rows) == sorted(
+        (v, n) for v in (new["label"], base["label"]) for n in (1, 2))
+    frame_msg = 8 + 128 * 72 * 3
+    for r in rows:
+        assert (r["width"], r["height"], r["frames"], r["encode"], r["decode"]) == (128, 72, 16, "segments", "rank0")
+        assert _finite_positive(r["fps"]) and r["fps"] == pytest.approx(16 / r["wall_s"])
+        assert _finite_positive(r["cpu_ms_per_frame"]) and r["rank0_children_cpu_s"] > 0  # ffmpeg decodes
+        assert 0 < r["cpu_ms_per_frame_net"] < r["cpu_ms_per_frame"]
+        assert r["cpu_ms_per_frame"] == pytest.approx((r["rank0_self_cpu_s"] + r["rank0_children_cpu_s"]) / 16 * 1e3)
+        assert set(r["cpu_ranks"]) == {str(i) for i in range(r["ranks"])}
+        assert r["wall_s"] < r["process_s"]
+        if r["ranks"] == 1:
+            assert r["recv_bytes"] == 0
+        elif r["recv_source"] == "computed":  # v0.2 layout: rank 1's frames, one message each
+            assert r["recv_bytes"] == 8 * frame_msg
+        else:
+            assert 0 <= r["recv_bytes"] <= 16 * frame_msg * 2
+    assert len(result["ratios"]) == 2 and all(_finite_positive(q["ratio"]) for q in result["ratios"])
+    assert [p["measured_at_ranks"] for p in result["projections"]] == [2, 2]
+    for p in result["projections"]:
+        assert [x["ranks"] for x in p["predicted"]] == [8, 64, 512] and _finite_positive(p["ceiling_fps"])
+    assert "r0 CPU ms/f" in stdout and "usable GPU ranks" in stdout and base["commit"] in stdout
+
+
+def test_ceiling_bootstrap_patches_load_model_and_records_cpu(tmp_path) -> None:
+    """The bootstrap alone, as one plain process: the patched identity model, and a record on SystemExit."""
+    import subprocess
+    import sys
+
+    from mpistyle.bench import ceiling
+    from mpistyle.models import write_identity_model
+
+    from .conftest import ROOT
+
+    boot = ceiling.write_bootstrap(str(tmp_path))
+    model = write_identity_model(str(tmp_path / "identity.pth"))
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), ceiling.DIR_ENV: str(tmp_path),
+           ceiling.IDENTITY_ENV: "force", "PMI_RANK": "0"}
+    out = tmp_path / "out.mp4"
+    proc = subprocess.run([sys.executable, boot, "-q", "stylize", str(BBB), "-o", str(out), "--model", model,
+                           "--temporal", "none", "--threads", "1", "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "cpu-rank0.json").read_text())
+    assert record["patched_load_model"] is True and record["exit"] == 0 and out.is_file()
+    assert record["self_cpu_s"] > record["startup_cpu_s"] > 0 and record["children_cpu_s"] > 0
+    assert record["mpistyle_file"] == str(ROOT / "mpistyle" / "__init__.py")
+    # argparse's SystemExit(2): the record is still written, with that code.
+    proc = subprocess.run([sys.executable, boot, "stylize"], capture_output=True, text=True,
+                          env={**env, "PMI_RANK": "3"}, timeout=60)
+    assert proc.returncode == 2
+    assert json.loads((tmp_path / "cpu-rank3.json").read_text())["exit"] == 2
+
+
+def _crow(version: str, ranks: int, encode: str = "segments", decode: str = "rank0", cpu_ms: float = 10.0,
+          recv: int = 0, w: int = 640, h: int = 360) -> dict:
+    return {"version": version, "width": w, "height": h, "ranks": ranks, "encode": encode, "decode": decode,
+            "frames": 100, "cpu_ms_per_frame": cpu_ms, "cpu_ms_per_frame_net": cpu_ms / 2, "recv_bytes": recv,
+            "recv_source": "report", "recv_kb_per_frame": recv / 100 / 1e3, "fps": 50.0}
+
+
+def test_ceiling_received_bytes_from_report_or_computed() -> None:
+    from mpistyle.bench import ceiling
+
+    report = {"width": 4, "height": 2, "frames": 10, "ranks": 3,
+              "per_rank": [{"rank": 0, "frames": 4, "counts": {}}, {"rank": 1, "frames": 3, "counts": {}},
+                           {"rank": 2, "frames": 3}]}
+    assert ceiling.rank0_received_bytes(report) == (6 * (8 + 4 * 2 * 3), "computed")
+    report["per_rank"][0]["counts"]["recv_bytes"] = 123
+    assert ceiling.rank0_received_bytes(report) == (123, "report")
+    report["per_rank"][0]["counts"]["recv_bytes"] = 0  # the new pipeline may receive no frame data at all
+    assert ceiling.rank0_received_bytes(report) == (0, "report")
+    row = ceiling.ceiling_row({**report, "wall_s": 2.0},
+                              {"self_cpu_s": 3.0, "children_cpu_s": 1.0, "startup_cpu_s": 2.0}, 5.0)
+    assert row["fps"] == pytest.approx(5.0) and row["cpu_ms_per_frame"] == pytest.approx(400.0)
+    assert row["cpu_ms_per_frame_net"] == pytest.approx(200.0) and row["recv_kb_per_frame"] == 0.0
+
+
+def test_ceiling_ratios_and_projections() -> None:
+    from mpistyle.bench import ceiling
+
+    rows = [_crow("v02", 1, cpu_ms=30.0), _crow("v02", 4, cpu_ms=40.0, recv=100 * 691_208),
+            _crow("new", 1, cpu_ms=15.0), _crow("new", 4, cpu_ms=10.0),
+            _crow("new", 4, decode="each", cpu_ms=5.0), _crow("new", 4, encode="rank0", cpu_ms=20.0),
+            _crow("new", 2, decode="each", cpu_ms=8.0)]
+    qs = {(q["ranks"], q["encode"], q["decode"]): q["ratio"] for q in ceiling.ratios(rows, "v02", "new")}
+    assert qs == {(1, "segments", "rank0"): 2.0, (4, "segments", "rank0"): 4.0, (4, "segments", "each"): 8.0}
+    proj = {(p["version"], p["decode"]): p for p in ceiling.projections(rows, link_gbps=10.0, gpu_rank_fps=300.0)}
+    assert set(proj) == {("v02", "rank0"), ("new", "rank0"), ("new", "each")}
+    assert all(p["measured_at_ranks"] == 4 for p in proj.values())  # the largest segments run, not the rank0 one
+    assert proj[("new", "each")]["serial_s"] == pytest.approx(0.0025)  # net CPU: 5 ms / 2
+    v02 = proj[("v02", "rank0")]
+    assert v02["recv_bytes_per_frame"] == 691_208 and v02["serial_s"] == pytest.approx(0.02)
+    assert v02["serial_fps"] == pytest.approx(50.0) and v02["link_fps"] == pytest.approx(1.25e9 / 691_208)
+
+
+def test_ceiling_projection_bounds() -> None:
+    # rank 0 at 2 ms/frame: 500 f/s; 1 MB/frame over 10 Gb/s: 1250 f/s; GPU ranks at 300 f/s.
+    p = scaling.ceiling_projection(0.002, 1e6, link_gbps=10.0, gpu_rank_fps=300.0, ranks=(1, 8, 512))
+    assert p["serial_fps"] == pytest.approx(500.0) and p["link_fps"] == pytest.approx(1250.0)
+    assert p["ceiling_fps"] == pytest.approx(500.0) and p["bound"] == "rank-0 serial"
+    assert p["usable_gpu_ranks"] == pytest.approx(500.0 / 300.0)
+    assert [(x["fps"], x["bound"]) for x in p["predicted"]] == [
+        (300.0, "GPU ranks"), (pytest.approx(500.0), "rank-0 serial"), (pytest.approx(500.0), "rank-0 serial")]
+    assert p["predicted"][1]["efficiency"] == pytest.approx(500.0 / 2400.0)
+    # Link-bound: 1080p frames to rank 0 over 10 Gb/s, rank 0 itself cheap.
+    q = scaling.ceiling_projection(0.0001, 8 + 1920 * 1080 * 3, ranks=(8, 64))
+    assert q["bound"] == "link" and q["ceiling_fps"] == pytest.approx(1.25e9 / (8 + 1920 * 1080 * 3))
+    assert q["predicted"][1]["bound"] == "link"
+    # No frame data to rank 0 and no serial cost: only the ranks limit.
+    r = scaling.ceiling_projection(0.0, 0.0, ranks=(512,))
+    assert math.isinf(r["ceiling_fps"]) and r["predicted"][0]["fps"] == pytest.approx(512 * 300.0)
+    with pytest.raises(ValueError):
+        scaling.ceiling_projection(0.001, 0.0, link_gbps=0.0)
+    from mpistyle.bench.ceiling import json_safe
+
+    assert json_safe({"a": [math.inf, 1.0], "b": (math.nan,), "c": "x"}) == {"a": [None, 1.0], "b": [None], "c": "x"}
+
+
+def test_ceiling_parsers_and_table() -> None:
+    from mpistyle.bench import ceiling
+
+    assert ceiling.parse_sizes("640x360, 1920X1080,640x360") == [(640, 360), (1920, 1080)]
+    for bad in ("", "640", "641x360", "0x0", "axb"):
+        with pytest.raises(ValueError):
+            ceiling.parse_sizes(bad)
+    assert ceiling.parse_modes("both", ceiling.ENCODE_MODES, "--encode") == ["rank0", "segments"]
+    assert ceiling.parse_modes("each,rank0,each", ceiling.DECODE_MODES, "--decode") == ["each", "rank0"]
+    with pytest.raises(ValueError):
+        ceiling.parse_modes("auto", ceiling.ENCODE_MODES, "--encode")
+    assert ceiling.default_frames(640, 360) == 96 and ceiling.default_frames(1920, 1080) == 48
+    rows = [{**_crow("v02", 2, cpu_ms=12.5, recv=100 * 691_208), "recv_source": "computed"},
+            _crow("new", 2, cpu_ms=6.25)]
+    result = {"versions": [{"label": "new", "source": "/src/new", "commit": None, "decode_flag": True},
+                           {"label": "v02", "source": "/src/v02", "commit": "c" * 40, "decode_flag": False}],
+              "new_label": "new", "baseline_label": "v02", "temporal": "none", "threads": 1, "device": "cpu",
+              "host": {"cpus": 2, "load_start": 0.1, "load_end": 0.2}, "rows": rows,
+              "ratios": ceiling.ratios(rows, "v02", "new"), "projections": ceiling.projections(rows)}
+    text = ceiling.format_ceiling(result)
+    assert "12.5" in text and "6.2" in text and "691*" in text and "2.00x" in text and "c" * 40 in text
+    assert "f/s @512 GPU ranks" in text and "--decode yes" in text
+
+
+def test_ceiling_matrix_keeps_going_past_a_failed_run(monkeypatch) -> None:
+    from mpistyle.bench import ceiling
+
+    def fake_job(mpiexec, version, boot, clip, model, n, w, h, encode, decode, *rest):
+        if n == 2:
+            raise MpistyleError(f"the {n}-rank run failed")
+        return _crow(version.label, n, encode=encode, decode=decode, w=w, h=h)
+
+    monkeypatch.setattr(ceiling, "run_job", fake_job)
+    monkeypatch.setattr(ceiling, "supports_decode", lambda v: True)
+    monkeypatch.setattr(ceiling, "make_clip", lambda src, w, h, frames, d: __import__("shutil").copy(str(BBB), d))
+    args = argparse.Namespace(sizes="128x72", encode="segments", decode="rank0,each", ranks=[1, 2], video=None,
+                              threads_per_rank=1, baseline=None, baseline_ref=None, baseline_label=None, frames=4,
+                              ceiling_temporal="none", device="cpu", link_gbps=10.0, gpu_rank_fps=300.0)
+    result = ceiling.run(args, "mpiexec")
+    assert [(r["ranks"], r["decode"]) for r in result["rows"]] == [(1, "rank0"), (1, "each")]
+    assert [(f["ranks"], f["decode"]) for f in result["failures"]] == [(2, "rank0"), (2, "each")]
+    assert "FAILED: new 128x72 2 rank(s) segments/each: the 2-rank run failed" in ceiling.format_ceiling(result)
+    monkeypatch.setattr(args, "ranks", [2])
+    with pytest.raises(MpistyleError, match="every ceiling run failed"):
+        ceiling.run(args, "mpiexec")

@@ -323,3 +323,55 @@ def test_stylize_cli_takes_batch_auto():
     assert models.resolve_batch(0, "cpu", 180, 320) == models.CPU_AUTO_BATCH
     with pytest.raises(SystemExit):
         parser.parse_args(["in.mp4", "-o", "out.mp4", "--batch", "0"])
+
+
+# ----------------------------------------------------------------------------------------------
+# PointwiseNet: the identity model that benchmarks use to measure the pipeline alone
+
+
+def test_identity_model_file_round_trip(tmp_path):
+    path = models.write_identity_model(str(tmp_path / "identity.pth"))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert set(state) == {"pointwise.weight", "pointwise.bias"}
+    assert state["pointwise.weight"].shape == (3, 3, 1, 1) and state["pointwise.bias"].shape == (3,)
+    assert torch.equal(state["pointwise.weight"].reshape(3, 3), torch.eye(3))
+    assert torch.equal(state["pointwise.bias"], torch.zeros(3))
+    assert model_info(path)["architecture"] == "PointwiseNet"
+
+
+def test_identity_model_loads_through_load_model(tmp_path):
+    path = models.write_identity_model(str(tmp_path / "identity.pth"))
+    net = load_model(path)
+    assert isinstance(net, models.PointwiseNet) and not net.training
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    # The TransformerNet path is unchanged next to it.
+    plain = tmp_path / "plain.pth"
+    torch.save(_net().state_dict(), plain)
+    assert isinstance(load_model(str(plain)), TransformerNet)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(3, 72, 128), (2, 33, 50)])  # 33x50: padded to multiples of 4 and cropped
+def test_identity_model_returns_the_frames_through_stylizer(tmp_path, precision, shape):
+    path = models.write_identity_model(str(tmp_path / "identity.pth"))
+    stylizer = Stylizer(load_model(path), device=torch.device("cpu"), precision=precision)
+    frames = _frames(*shape)
+    frames[0, 0, 0] = (0, 255, 128)  # the extremes survive the clamp and rounding
+    out = stylizer(frames)
+    assert out.dtype == np.uint8 and out.shape == frames.shape
+    assert np.array_equal(out, frames)
+
+
+def test_pointwise_file_with_wrong_shapes_is_one_line_error(tmp_path):
+    bad = tmp_path / "bad.pth"
+    torch.save({"pointwise.weight": torch.zeros(3, 3, 3, 3), "pointwise.bias": torch.zeros(3)}, bad)
+    with pytest.raises(MpistyleError) as info:
+        load_model(str(bad))
+    text = str(info.value)
+    assert "\n" not in text and "PointwiseNet" in text and "pointwise.weight" in text
+    assert "(3, 3, 3, 3)" in text and "(3, 3, 1, 1)" in text
+    extra = tmp_path / "extra.pth"
+    torch.save({"pointwise.weight": torch.zeros(3, 3, 1, 1), "pointwise.bias": torch.zeros(3),
+                "pointwise.scale": torch.zeros(3)}, extra)
+    with pytest.raises(MpistyleError, match="unexpected keys pointwise.scale"):
+        load_model(str(extra))
