@@ -55,8 +55,14 @@ def test_blocks_follow_the_frame_index_not_the_partitions(monkeypatch) -> None:
     assert streamed_blocks([(0, 7), (7, 14)], 14) == {0, 2, 3}  # block 1 straddles the boundary
     assert streamed_blocks([(0, 14)], 14) == {0, 1, 2, 3}
     assert streamed_blocks([(5, 9)], 14) == set()  # a resumed run inside blocks 1 and 2
-    assert leftover_share([1, 5, 9], 0, 2) == [1, 9] and leftover_share([1, 5, 9], 1, 2) == [5]
-    assert leftover_share([1], 1, 3) == []
+    # a leftover block goes to the rank owning its last frame: rank 1 here, never rank 0 on a fresh run
+    assert leftover_share([1], 0, 2, 14, [(0, 7), (7, 14)]) == []
+    assert leftover_share([1], 1, 2, 14, [(0, 7), (7, 14)]) == [1]
+    assert leftover_share([0, 1, 2], 2, 3, 14, [(0, 3), (3, 6), (6, 14)]) == [1, 2]
+    assert leftover_share([0, 1, 2], 1, 3, 14, [(0, 3), (3, 6), (6, 14)]) == [0]
+    # dynamic chunks: in turn over the ranks other than rank 0
+    assert leftover_share([1, 5, 9], 1, 3, 40) == [1, 9] and leftover_share([1, 5, 9], 2, 3, 40) == [5]
+    assert leftover_share([1, 5], 0, 3, 40) == [] and leftover_share([1, 5], 0, 1, 40) == [1, 5]
 
 
 def _clip_frames(n: int = 12) -> np.ndarray:
@@ -184,10 +190,10 @@ def test_segment_encode_keeps_frames_fps_and_audio(sample_segment_runs, ranks) -
     assert streamed + leftover == 75  # every block encoded once, rank 0 filled nothing at the join
     # 1 rank and the dynamic chunks (aligned to the 64-frame anchors) cover both blocks whole;
     # 2 static partitions [0, 38) and [38, 75): block [64, 75) lies in rank 1's, block [0, 64) is encoded
-    # from the buffer after the run (leftovers are shared out over the ranks: here rank 0 has the only one)
+    # from the buffer after the run by the owner of its last frame: rank 1, so rank 0 encodes nothing
     assert streamed == {1: 75, 2: 11, 3: 75}[ranks]
     if ranks == 2:
-        assert [r["counts"]["leftover_frames"] for r in per_rank] == [64, 0]
+        assert [r["counts"]["leftover_frames"] for r in per_rank] == [0, 64]
     assert all(r["counts"].get("segment_failures", 0) == 0 for r in per_rank)
     # the video holds the buffer's frames, in order (H.264 at crf 18: well above 30 dB)
     stylized = _buffer_frames(sample_segment_runs[ranks]["buffer"])

@@ -12,7 +12,8 @@ Who encodes a block:
 - the rank that computes all of its frames in one run encodes it as they come out (a thread of its
   own, overlapped with the work; ``SegmentWriter``);
 - blocks no single run covers (a partition boundary falls inside, or some frames were done before a
-  resume) are encoded at the end from the HDF5 buffer, shared out over all ranks (``leftover_blocks``);
+  resume) are encoded at the end from the HDF5 buffer by the rank owning their last frame
+  (``leftover_share``), so each rank encodes about one and rank 0 none;
 - anything still missing (a failed encoder) is encoded by rank 0 from the buffer before the join.
 
 Segments are named by their block (``seg-FIRST-COUNT.mp4``) and appear only once complete (renamed).
@@ -284,9 +285,21 @@ def encode_blocks(directory: str, blocks: Sequence[int], n_frames: int, width: i
     return frames
 
 
-def leftover_share(blocks: Sequence[int], rank: int, size: int) -> list[int]:
-    """The leftover blocks rank ``rank`` encodes: every size-th, so the work spreads over all ranks (pure)."""
-    return [k for i, k in enumerate(sorted(blocks)) if i % size == rank]
+def leftover_share(blocks: Sequence[int], rank: int, size: int, n_frames: int,
+                   bounds: Sequence[tuple[int, int]] | None = None) -> list[int]:
+    """The leftover blocks rank ``rank`` encodes (pure).
+
+    Static partitions (``bounds``): the owner of the block's last frame, i.e. the rank after the
+    partition boundary inside it: each rank gets at most about one block, and rank 0 (whose partition
+    starts at 0) none on a fresh run, so it stays out of the data path. Dynamic chunks: shared out in
+    turn over the ranks other than rank 0.
+    """
+    if bounds is not None:
+        owners = {k: next(r for r, (a, b) in enumerate(bounds) if a <= block_bounds(k, n_frames)[1] - 1 < b)
+                  for k in blocks}
+        return sorted(k for k in blocks if owners[k] == rank)
+    helpers = list(range(1, size)) or [0]
+    return [k for i, k in enumerate(sorted(blocks)) if helpers[i % len(helpers)] == rank]
 
 
 def join_output(directory: str, output: str, n_frames: int, width: int, height: int, fps: Fraction,

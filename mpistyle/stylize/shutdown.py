@@ -87,7 +87,9 @@ def shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, store: Frame
     poll_until(barrier.Test)
     if rank == 0 and buffer is not None:
         buffer.rescan()  # the parts are closed: their done flags are the truth
-    leftover_frames, leftover_s = _encode_leftovers(comm, msgr, buffer, setup, opts, device) if segmented else (0, 0.0)
+    leftover_frames, leftover_s = 0, 0.0
+    if segmented:
+        leftover_frames, leftover_s = _encode_leftovers(comm, msgr, buffer, setup, plan, opts, device)
     # Only now a stall means a vanished peer: before the barrier a rank may rightly wait for slower
     # ranks still at work, and after the gather only rank 0 works (encoding) while the others wait.
     watchdog = Watchdog(comm, rank)
@@ -251,7 +253,7 @@ def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, s
     return verdict, report
 
 
-def _encode_leftovers(comm: Any, msgr: Messenger, buffer: Any, setup: Setup, opts: StylizeOptions,
+def _encode_leftovers(comm: Any, msgr: Messenger, buffer: Any, setup: Setup, plan: Plan, opts: StylizeOptions,
                       device: str) -> tuple[int, float]:
     """Every rank encodes its share of the blocks no run covered whole, from the buffer (rank 0 says which).
 
@@ -260,7 +262,8 @@ def _encode_leftovers(comm: Any, msgr: Messenger, buffer: Any, setup: Setup, opt
     if comm.Get_rank() == 0 and buffer is not None and not msgr.stop and buffer.complete():
         todo = missing_blocks(segment_dir(opts.output), setup.n_frames)
     todo = comm.bcast(todo, root=0)
-    mine = leftover_share(todo, comm.Get_rank(), comm.Get_size())
+    bounds = None if opts.schedule == "dynamic" else [rp.bounds for rp in plan.ranks]
+    mine = leftover_share(todo, comm.Get_rank(), comm.Get_size(), setup.n_frames, bounds)
     encoded, start = 0, time.perf_counter()
     if mine:
         from ..buffer import FrameBuffer
