@@ -152,7 +152,8 @@ def test_bench_measures_rank0_cost_in_both_encode_modes(bench_result) -> None:
     assert costs["rank0"]["join_s"] == 0.0 and _finite_positive(costs["rank0"]["encode_s"])
     assert costs["rank0"]["segment_encode_s"] == 0.0 and costs["rank0"]["segments"] == 0
     assert costs["segments"]["encode_s"] == 0.0 and _finite_positive(costs["segments"]["join_s"])
-    assert _finite_positive(costs["segments"]["segment_encode_s"]) and costs["segments"]["segments"] >= 2
+    # 6 frames are one 64-frame block, straddling the 2 partitions: encoded from the buffer by rank 1
+    assert _finite_positive(costs["segments"]["segment_encode_s"]) and costs["segments"]["segments"] == 1
     # The model for each mode runs on that mode's measured rank-0 cost.
     for mode, proj in result["encode_scaling"].items():
         model_in = proj["model_input"]

@@ -185,13 +185,17 @@ def rank0_cost(report: dict[str, Any], mode: str) -> dict[str, Any]:
     root = next(e for e in report["per_rank"] if e.get("rank", 0) == 0)
     times = {k: float(v) for k, v in (root.get("times_s") or {}).items()}
     parts = {f"{k}_s": times.get(k, 0.0) / frames for k in ("decode", "write", "encode", "join")}
-    seg_time = sum(float((e.get("times_s") or {}).get("segment_encode", 0.0)) for e in report["per_rank"])
-    seg_frames = sum(int(e.get("frames") or 0) for e in report["per_rank"]
-                     if (e.get("times_s") or {}).get("segment_encode") is not None)
+    # Segments are encoded as frames come out (segment_encode) or, for blocks no run covered whole,
+    # from the buffer after the work (leftover_encode): both are the ranks' parallel work.
+    seg_time = sum(float((e.get("times_s") or {}).get(k, 0.0)) for e in report["per_rank"]
+                   for k in ("segment_encode", "leftover_encode"))
+    seg_frames = sum(int((e.get("counts") or {}).get(k, 0)) for e in report["per_rank"]
+                     for k in ("segment_frames", "leftover_frames"))
     return {"mode": mode, "ranks": int(report["ranks"]), "frames": frames, **parts,
             "serial_s": sum(parts.values()),
             "segment_encode_s": seg_time / seg_frames if seg_frames else 0.0,
-            "segments": sum(int((e.get("counts") or {}).get("segments", 0)) for e in report["per_rank"])}
+            "segments": sum(int((e.get("counts") or {}).get(k, 0)) for e in report["per_rank"]
+                            for k in ("segments", "leftover_blocks"))}
 
 
 def encode_jobs(ranks: Sequence[int], encode: str) -> list[tuple[int, str]]:

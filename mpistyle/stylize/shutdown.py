@@ -28,7 +28,7 @@ from .comm import TAG_FIN, TAG_GIVE, Messenger
 from .gather import Sink
 from .options import Setup, StylizeOptions
 from .scatter import Decoder, LocalDecoder, Receiver
-from .segments import encode_blocks, join_output, leftover_share, missing_blocks, segment_dir, segment_threads
+from .segments import SEGMENT_FRAMES, encode_blocks, join_output, leftover_share, missing_blocks, segment_dir, segment_threads
 from .store import FrameStore
 from .worker import RankWorker
 
@@ -113,6 +113,7 @@ def shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, store: Frame
             counts["segment_failures"] = worker.segments.failures
         if segmented:
             counts["leftover_frames"] = leftover_frames
+            counts["leftover_blocks"] = -(-leftover_frames // SEGMENT_FRAMES)
             times["leftover_encode"] = leftover_s
         if store is not None:
             times["write"] = store.write_s
