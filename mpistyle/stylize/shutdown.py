@@ -28,7 +28,15 @@ from .comm import TAG_FIN, TAG_GIVE, Messenger
 from .gather import Sink
 from .options import Setup, StylizeOptions
 from .scatter import Decoder, LocalDecoder, Receiver
-from .segments import SEGMENT_FRAMES, encode_blocks, join_output, leftover_share, missing_blocks, segment_dir, segment_threads
+from .segments import (
+    SEGMENT_FRAMES,
+    encode_blocks,
+    join_output,
+    leftover_share,
+    missing_blocks,
+    segment_dir,
+    segment_threads,
+)
 from .store import FrameStore
 from .worker import RankWorker
 
