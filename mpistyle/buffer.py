@@ -24,6 +24,13 @@ Crash safety without SWMR or fsync-per-frame, per part as before per file:
 - part files are created under a temporary name and renamed, and parts whose settings digest differs
   from the main file's (left over from another run) are ignored.
 
+**Parallel HDF5** (``layout="mpio"``, where h5py is built with MPI and ``--buffer-layout`` allows it):
+the main file itself holds real ``frames`` and ``done`` datasets, created (and flushed) by rank 0
+alone with every chunk allocated, then opened by all ranks together with ``driver="mpio"``; each rank
+writes its frames and done flags with independent I/O (no collective call per frame: metadata never
+changes) and makes them durable with an fsync of its own file descriptor before marking them done.
+Only the open and the close are collective (HDF5's rule for these), both at fixed points of the run.
+
 Resume with any rank count: rank 0 scans the parts' ``done`` flags; the new run's parts cover only the
 frames still to do (the plan never gives a done frame to anyone), so a frame is done in at most one part.
 """
@@ -50,6 +57,7 @@ from .errors import MpistyleError
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
+LAYOUTS = ("auto", "parts", "mpio")
 _PART = re.compile(r"^frames-(\d{9})-(\d{9})\.h5$")
 
 
@@ -93,8 +101,12 @@ class FrameBuffer:
     Frames are written by the ranks through :class:`PartWriter`; this class only reads them.
     """
 
-    def __init__(self, path: str, n_frames: int, height: int, width: int, settings: dict[str, Any]) -> None:
+    def __init__(self, path: str, n_frames: int, height: int, width: int, settings: dict[str, Any],
+                 layout: str = "parts") -> None:
         self.path = path
+        self.layout = layout
+        self._parallel: h5py.File | None = None  # mpio: the job's collective handle, while it is open
+        self._serial: h5py.File | None = None
         self.n_frames, self.height, self.width = n_frames, height, width
         self.settings = settings
         self.digest = settings_digest(settings)
@@ -106,7 +118,7 @@ class FrameBuffer:
     # -- opening -------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str, n_frames: int, height: int, width: int, settings: dict[str, Any],
-             restart: bool = False) -> FrameBuffer:
+             restart: bool = False, layout: str = "parts") -> FrameBuffer:
         """Resume from ``path`` if it was made with the same settings, else create it.
 
         A buffer made with other settings (other input, model, size...) is never silently reused:
@@ -121,16 +133,23 @@ class FrameBuffer:
                 raise MpistyleError(
                     f"buffer {path} was made for a different run ({mismatch}); "
                     "pass --restart to discard it or --buffer to use another file")
-            return cls(path, n_frames, height, width, settings)
-        return cls.create(path, n_frames, height, width, settings)
+            stored_layout = str(stored.get("layout", "vds"))
+            if stored_layout == "mpio" and not parallel_hdf5():
+                raise MpistyleError(f"buffer {path} was written with parallel HDF5 and this h5py has no MPI; "
+                                    "resume with an MPI-enabled h5py, or pass --restart")
+            return cls(path, n_frames, height, width, settings, layout="mpio" if stored_layout == "mpio" else "parts")
+        return cls.create(path, n_frames, height, width, settings, layout=layout)
 
     @classmethod
     def create(cls, path: str, n_frames: int, height: int, width: int,
-               settings: dict[str, Any]) -> FrameBuffer:
+               settings: dict[str, Any], layout: str = "parts") -> FrameBuffer:
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise MpistyleError(f"buffer directory does not exist: {directory}")
         remove_buffer(path)  # a restart: the old parts go with the old main file
+        if layout == "mpio":
+            _create_single_file(path, n_frames, height, width, settings)
+            return cls(path, n_frames, height, width, settings, layout="mpio")
         try:
             os.makedirs(parts_dir(path))
         except OSError as exc:
@@ -142,6 +161,10 @@ class FrameBuffer:
     # -- the view ------------------------------------------------------------------------------
     def rescan(self) -> None:
         """Read every part's done flags (the truth) into ``self.done``."""
+        if self.layout == "mpio":
+            with h5py.File(self.path, "r", locking=False) as f:
+                self.done[:] = np.asarray(f["done"][...], dtype=bool)
+            return
         self.parts = scan_parts(self.path, self.digest, self.n_frames, (self.height, self.width, 3))
         self.done[:] = False
         for part in self.parts:
@@ -152,7 +175,10 @@ class FrameBuffer:
         """Rewrite the main file (atomically): settings, and virtual ``frames``/``done`` over the parts.
 
         ``planned``: the [first, stop) runs this run's ranks will write (their parts may not exist yet).
+        Nothing to do for the mpio layout: its main file holds the data itself.
         """
+        if self.layout == "mpio":
+            return
         mapping = frame_map(self.parts, self.n_frames, planned)
         self.reader.set_map(mapping)
         shape = (self.n_frames, self.height, self.width, 3)
@@ -186,13 +212,130 @@ class FrameBuffer:
             raise
 
     def read(self, index: int) -> np.ndarray:
-        return self.reader.read(index)
+        if self.layout != "mpio":
+            return self.reader.read(index)
+        if self._parallel is not None:  # HDF5 refuses a second, serial open of a file open with mpio
+            return np.asarray(self._parallel["frames"][index])
+        if self._serial is None:
+            self._serial = h5py.File(self.path, "r", locking=False, rdcc_nbytes=0)
+        return np.asarray(self._serial["frames"][index])
+
+    def attach(self, handle: h5py.File | None) -> None:
+        """mpio: read through the job's collective handle while it is open (None: detach)."""
+        self._parallel = handle
 
     def complete(self) -> bool:
         return bool(self.done.all())
 
     def close(self) -> None:
         self.reader.close()
+        if self._serial is not None and self._serial.id.valid:
+            self._serial.close()
+        self._serial = None
+
+
+def parallel_hdf5() -> bool:
+    """Whether this h5py is built with MPI (``driver="mpio"`` available)."""
+    return bool(h5py.get_config().mpi)
+
+
+def resolve_layout(requested: str, n_ranks: int) -> str:
+    """``auto``: parallel HDF5 where h5py has MPI and there is more than one rank, else per-rank parts."""
+    if requested not in LAYOUTS:
+        raise MpistyleError(f"unknown buffer layout {requested!r} (choose from {', '.join(LAYOUTS)})")
+    if requested == "mpio" and not parallel_hdf5():
+        raise MpistyleError("--buffer-layout mpio needs h5py built with MPI (h5py.get_config().mpi is False); "
+                            "use --buffer-layout parts")
+    if requested == "auto":
+        return "mpio" if parallel_hdf5() and n_ranks > 1 else "parts"
+    return requested
+
+
+def _create_single_file(path: str, n_frames: int, height: int, width: int, settings: dict[str, Any]) -> None:
+    """mpio layout: the whole buffer in one file, every chunk allocated and the metadata flushed before any
+    rank opens it (a kill later cannot corrupt it; a file whose metadata was never flushed would not open)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with h5py.File(tmp, "w", locking=False) as f:
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+            f.create_dataset("frames", shape=(n_frames, height, width, 3), dtype="u1",
+                             chunks=(1, height, width, 3), dcpl=dcpl)
+            f.create_dataset("done", data=np.zeros(n_frames, dtype=np.uint8))
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["layout"] = "mpio"
+            f.attrs["settings"] = json.dumps(settings, sort_keys=True)
+            f.attrs["settings_digest"] = settings_digest(settings)
+            f.attrs["n_frames"] = n_frames
+            f.attrs["height"] = height
+            f.attrs["width"] = width
+        _reserve(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        _unlink(tmp)
+        raise _disk_error(exc, path) from None
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def open_parallel(path: str, comm: Any) -> h5py.File:
+    """mpio layout: open the buffer on every rank of ``comm`` together (collective)."""
+    try:
+        return h5py.File(path, "r+", driver="mpio", comm=comm)
+    except OSError as exc:
+        raise MpistyleError(f"cannot open buffer {path} with parallel HDF5: {exc}") from None
+
+
+class MpioWriter:
+    """mpio layout: one rank's writes into the shared file, independent I/O only.
+
+    Same contract as :class:`PartWriter`: ``write`` then ``commit`` (fsync, then the done flags).
+    HDF5 does not cache raw data in parallel mode, so an fsync of our own descriptor makes it durable
+    without the collective ``H5Fflush``.
+    """
+
+    def __init__(self, handle: h5py.File, path: str) -> None:
+        self.path = path
+        self._frames, self._done = handle["frames"], handle["done"]
+        self._fd = os.open(path, os.O_RDONLY)
+        self._pending: list[int] = []
+
+    def write(self, index: int, frame: np.ndarray) -> None:
+        try:
+            self._frames[index] = frame
+        except OSError as exc:
+            raise _disk_error(exc, self.path) from None
+        self._pending.append(index)
+
+    def commit(self) -> list[int]:
+        if not self._pending:
+            return []
+        pending, self._pending = self._pending, []
+        try:
+            os.fsync(self._fd)
+            for lo, hi in _ranges(sorted(pending)):
+                self._done[lo:hi] = np.ones(hi - lo, dtype=np.uint8)
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise _disk_error(exc, self.path) from None
+        return pending
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _ranges(indices: Sequence[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for t in indices:
+        if out and out[-1][1] == t:
+            out[-1] = (out[-1][0], t + 1)
+        else:
+            out.append((t, t + 1))
+    return out
 
 
 def remove_buffer(path: str) -> None:

@@ -136,6 +136,10 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
                    help="HDF5 buffer of finished frames (default OUTPUT.mpistyle.h5); rerunning resumes from it")
     g.add_argument("--restart", action="store_true", help="discard an existing buffer made with other settings")
     g.add_argument("--keep-buffer", action="store_true", help="keep the buffer after a successful run")
+    g.add_argument("--buffer-layout", choices=("auto", "parts", "mpio"), default="auto",
+                   help="how ranks write the buffer: parts (each rank its own part files, one virtual dataset "
+                        "over them; any h5py) or mpio (one file, parallel HDF5; needs h5py built with MPI). "
+                        "auto (default): mpio where h5py has MPI and there are several ranks")
     g.add_argument("--crf", type=int, default=18, help="x264 quality (lower = better, default 18)")
     g.add_argument("--encode", choices=("auto", "rank0", "segments"), default="auto",
                    help="segments: every rank encodes its own frames and rank 0 joins them; rank0: one encoder on "
@@ -172,7 +176,8 @@ def _stylize_options(args: argparse.Namespace) -> object:
     return StylizeOptions(
         input=args.input, output=args.output, model=args.model, temporal=temporal, halo=args.halo,
         width=args.width, height=args.height, scale=args.scale, device=args.device, precision=args.precision,
-        batch=args.batch or 0, buffer=args.buffer, restart=args.restart, keep_buffer=args.keep_buffer,
+        batch=args.batch or 0, buffer=args.buffer, buffer_layout=args.buffer_layout, restart=args.restart,
+        keep_buffer=args.keep_buffer,
         threads=args.threads, scratch=args.scratch, chunk=args.chunk, schedule=args.schedule,
         chunks=args.chunks or 0, crf=args.crf, encode=args.encode, decode=args.decode, report=args.report,
         progress=not args.no_progress, fps=args.fps)

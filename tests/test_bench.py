@@ -179,7 +179,8 @@ def _report(times: list[dict], frames: list[int], counts: list[dict] | None = No
 
 def test_rank0_cost_splits_rank0_serial_stream() -> None:
     seg = _report([{"decode": 1.0, "write": 2.0, "join": 0.5, "segment_encode": 3.0, "network": 50.0},
-                   {"segment_encode": 5.0, "network": 50.0}], [40, 60], [{"segments": 1}, {"segments": 2}])
+                   {"segment_encode": 5.0, "network": 50.0}], [40, 60], [{"segments": 1, "segment_frames": 40},
+                                                             {"segments": 2, "segment_frames": 60}])
     cost = pipeline.rank0_cost(seg, "segments")
     assert cost["decode_s"] == pytest.approx(0.01) and cost["write_s"] == pytest.approx(0.02)
     assert cost["encode_s"] == 0.0 and cost["join_s"] == pytest.approx(0.005)

@@ -29,6 +29,7 @@ class StylizeOptions:
     precision: str = "auto"
     batch: int = 0  # 0: auto (models.resolve_batch: from free GPU memory; 1 on CPU)
     buffer: str | None = None
+    buffer_layout: str = "auto"  # auto | parts | mpio (see buffer.py)
     restart: bool = False
     keep_buffer: bool = False
     threads: int | None = None
@@ -58,6 +59,7 @@ class Setup:
     buffer_path: str
     done: np.ndarray
     settings: dict[str, Any]
+    layout: str = "parts"  # the buffer's layout: parts (one file per run, a virtual main file) or mpio
 
 
 def chunk_list(frames: Sequence[int], chunk: int) -> list[list[int]]:

@@ -69,7 +69,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     seg_threads = segment_threads(device_type)
 
     def open_on_root() -> Setup:
-        opened = open_buffer_on_root(opts, checked, precision_name, device_type)
+        opened = open_buffer_on_root(opts, checked, precision_name, device_type, n_ranks=size)
         if segmented:  # before any rank can write a segment; a resume keeps the blocks already encoded
             prepare_segment_dir(segment_dir(opts.output), resume=bool(opened.done.any()),
                                 params={"buffer": settings_digest(opened.settings), "crf": opts.crf,
@@ -105,6 +105,14 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
         index.write_index([(run.start, run.stop) for p in plan.ranks for run in p.runs])
 
     collective(comm, index_on_root)  # before any rank reads stored frames from it
+    # Stored outputs that start runs exactly: each rank reads its own (static schedule).
+    state_frames = collective(comm, lambda: read_state_frames(setup.buffer_path, rp.buffer_frames()) if not dynamic
+                              else {}, root_only=False)
+    parallel = None
+    if setup.layout == "mpio":  # one file, written by every rank: opened together, closed together
+        from ..buffer import open_parallel
+
+        parallel = collective(comm, lambda: open_parallel(setup.buffer_path, comm), root_only=False)
     shape = (setup.height, setup.width, 3)
     spool = SourceSpool(rp.source_frames(), shape, opts.scratch, msgr.interrupted)
     threads_started: list[threading.Thread] = []
@@ -113,13 +121,14 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     worker = None
     outcome = "done"
     try:
-        state_frames = read_state_frames(setup.buffer_path, rp.buffer_frames()) if not dynamic else {}
-        store = FrameStore(setup.buffer_path, setup.height, setup.width, settings_digest(setup.settings), msgr)
+        store = FrameStore(setup.buffer_path, setup.height, setup.width, settings_digest(setup.settings), msgr,
+                           parallel=parallel)
         threads_started.append(store)
         if rank == 0:
             from ..io.media import open_writer
 
             buffer = opened[0]
+            buffer.attach(parallel)
             if not segmented:  # one in-order encoder on rank 0; veryfast: medium costs ~2x CPU for no gain here
                 encoder = open_writer(opts.output, setup.width, setup.height, Fraction(setup.fps_num, setup.fps_den),
                                       audio_from=opts.input if setup.has_audio else None, crf=opts.crf,
@@ -166,7 +175,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
         outcome = "failed"
     try:
         report = shutdown(comm, msgr, worker, store, receiver, decoder, sink, buffer, encoder, setup, plan, opts,
-                           threads, device, precision_name, (t_start, t_work), segmented)
+                           threads, device, precision_name, (t_start, t_work), segmented, parallel)
     finally:
         spool.close()
     logger.debug("rank %d: work ended: %s", rank, outcome)

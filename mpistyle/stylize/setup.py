@@ -73,8 +73,9 @@ def validate_on_root(opts: StylizeOptions) -> Validated:
     return Validated(info=info, width=width, height=height, model_path=resolve_model(opts.model))
 
 
-def open_buffer_on_root(opts: StylizeOptions, checked: Validated, precision_name: str, device_type: str) -> Setup:
-    from ..buffer import FrameBuffer, check_free_space
+def open_buffer_on_root(opts: StylizeOptions, checked: Validated, precision_name: str, device_type: str,
+                        n_ranks: int = 1) -> Setup:
+    from ..buffer import FrameBuffer, check_free_space, resolve_layout
 
     info, width, height, model_path = checked.info, checked.width, checked.height, checked.model_path
     buffer_path = opts.buffer or default_buffer_path(opts.output)
@@ -96,7 +97,9 @@ def open_buffer_on_root(opts: StylizeOptions, checked: Validated, precision_name
     fresh = opts.restart or not os.path.exists(buffer_path)
     if fresh:  # before anything is created: a disk too small fails at once and leaves nothing behind
         check_free_space(buffer_path, info.n_frames, width * height * 3)
-    buf = FrameBuffer.open(buffer_path, info.n_frames, height, width, settings, restart=opts.restart)
+    layout = resolve_layout(opts.buffer_layout, n_ranks)  # used when the buffer is created
+    buf = FrameBuffer.open(buffer_path, info.n_frames, height, width, settings, restart=opts.restart, layout=layout)
+    layout = buf.layout  # an existing buffer keeps its own
     done = buf.done.copy()
     buf.close()
     if not fresh:
@@ -105,7 +108,7 @@ def open_buffer_on_root(opts: StylizeOptions, checked: Validated, precision_name
         logger.info("resuming from %s: %d of %d frames already done", buffer_path, int(done.sum()), len(done))
     return Setup(n_frames=info.n_frames, width=width, height=height, fps_num=info.fps.numerator,
                  fps_den=info.fps.denominator, has_audio=info.has_audio, model_path=model_path,
-                 buffer_path=buffer_path, done=done, settings=settings)
+                 buffer_path=buffer_path, done=done, settings=settings, layout=layout)
 
 
 def read_state_frames(buffer_path: str, frames: list[int]) -> dict[int, np.ndarray]:

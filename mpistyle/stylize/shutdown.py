@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import sys
 import threading
 import time
@@ -66,7 +67,7 @@ class Watchdog:
 def shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, store: FrameStore | None,
               receiver: Receiver | None, decoder: Decoder | LocalDecoder | None, sink: Sink | None, buffer: Any,
               encoder: Any, setup: Setup, plan: Plan, opts: StylizeOptions, threads: int, device: str, precision: str,
-              clock: tuple[float, float], segmented: bool) -> dict[str, Any]:
+              clock: tuple[float, float], segmented: bool, parallel: Any = None) -> dict[str, Any]:
     rank, size = comm.Get_rank(), comm.Get_size()
     if msgr.stop:
         msgr.broadcast_stop()
@@ -93,6 +94,10 @@ def shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, store: Frame
     # Everyone is here only after their sends completed: meet, then cancel what can't match.
     barrier = comm.Ibarrier()
     poll_until(barrier.Test)
+    if parallel is not None:  # mpio layout: every rank is past its last write; close together
+        if buffer is not None:
+            buffer.attach(None)
+        parallel.close()
     if rank == 0 and buffer is not None:
         buffer.rescan()  # the parts are closed: their done flags are the truth
     leftover_frames, leftover_s = 0, 0.0
@@ -227,7 +232,10 @@ def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, s
             encoder.abort()
         if buffer is not None:
             buffer.close()
-        # A stopped or failed run keeps its finished segments: the rerun encodes only the missing blocks.
+        # A stopped run keeps its finished segments: the rerun encodes only the missing blocks. A failed
+        # one removes them (a full output disk must not stay full); the buffer has every frame.
+        if verdict[0] == "failed":
+            shutil.rmtree(segment_dir(opts.output), ignore_errors=True)
     t_start, t_work = clock
     elapsed = time.perf_counter() - t_start
     setup_s = t_work - t_start

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..buffer import PartWriter
+from ..buffer import MpioWriter, PartWriter
 from .comm import Messenger, ReportingThread, Stopped
 
 COMMIT_EVERY_S = 0.25
@@ -26,9 +26,11 @@ COMMIT_EVERY_S = 0.25
 class FrameStore(ReportingThread):
     """One rank's buffer writer. ``begin_run`` before a run's frames, ``put`` each frame in order."""
 
-    def __init__(self, buffer_path: str, height: int, width: int, digest: str, msgr: Messenger) -> None:
+    def __init__(self, buffer_path: str, height: int, width: int, digest: str, msgr: Messenger,
+                 parallel: Any = None) -> None:
         super().__init__(name="mpistyle-store", daemon=True)
         self.buffer_path, self.height, self.width, self.digest = buffer_path, height, width, digest
+        self.parallel = parallel  # mpio layout: the job's collective h5py handle (else one part per run)
         self.msgr = msgr
         self._queue: queue.Queue[tuple[str, int, Any] | None] = queue.Queue(maxsize=8)
         self._lock = threading.Lock()
@@ -77,7 +79,8 @@ class FrameStore(ReportingThread):
 
     # -- the thread ---------------------------------------------------------------------------------
     def _run(self) -> None:
-        writer: PartWriter | None = None
+        writer: PartWriter | MpioWriter | None = None
+        run_start = -1
         last_commit = time.monotonic()
         try:
             while True:
@@ -91,28 +94,33 @@ class FrameStore(ReportingThread):
                 start = time.perf_counter()
                 if kind == "run":
                     if writer is not None:
-                        self._commit(writer)
-                        writer.close()
-                    writer = PartWriter(self.buffer_path, a, b, self.height, self.width, self.digest)
+                        self._commit(writer, run_start)
+                    if self.parallel is not None:
+                        writer = writer or MpioWriter(self.parallel, self.buffer_path)
+                    else:
+                        if writer is not None:
+                            writer.close()
+                        writer = PartWriter(self.buffer_path, a, b, self.height, self.width, self.digest)
+                    run_start = a
                     with self._lock:
                         self._committed.setdefault(a, a)
                 elif kind == "frame":
-                    assert writer is not None and writer.first <= a < writer.stop, "frame outside its run"
+                    assert writer is not None, "frame before its run"
                     writer.write(a, b)
                     self.frames_written += 1
                 if writer is not None and time.monotonic() - last_commit >= COMMIT_EVERY_S:
-                    self._commit(writer)
+                    self._commit(writer, run_start)
                     last_commit = time.monotonic()
                 self.write_s += time.perf_counter() - start
             if writer is not None:
-                self._commit(writer)
+                self._commit(writer, run_start)
         finally:
             if writer is not None:
                 writer.close()
             self.closed.set()
 
-    def _commit(self, writer: PartWriter) -> None:
+    def _commit(self, writer: PartWriter | MpioWriter, run_start: int) -> None:
         new = writer.commit()
         if new:
             with self._lock:
-                self._committed[writer.first] = max(self._committed.get(writer.first, writer.first), max(new) + 1)
+                self._committed[run_start] = max(self._committed.get(run_start, run_start), max(new) + 1)

@@ -53,6 +53,7 @@ class RankWorker:
                               on_pair=lambda start: self._record("flow", start)) if self.flow_mode else None
         self.cache: dict[int, np.ndarray] = {}  # raw network outputs of exported frames
         self.exported: set[int] = set()
+        self.paused = False
         self.local_halo = False
         self.awaiting_chunk = False
         self.emitted = 0
@@ -255,8 +256,11 @@ class RankWorker:
         if self.progress_sender is not None:
             self.progress_sender.maybe_send(self.progress)
         self._record("store", start, min_s=1e-3)
-        if self.emitted == 1:
-            pause_point("compute", self.msgr.stop)  # test hook (MPISTYLE_PAUSE_AT): hold mid-work for a signal
+        if not self.paused and self.exported >= self.rp.exports.keys():
+            # test hook (MPISTYLE_PAUSE_AT): hold mid-work for a signal, once this rank has emitted a frame
+            # and sent its neighbours their warm-up (so they can reach their own pause)
+            self.paused = True
+            pause_point("compute", self.msgr.stop)
 
     def _send(self, frame: np.ndarray, dest: int, tag: int) -> None:
         self._send_raw(np.ascontiguousarray(frame).reshape(-1), dest, tag)
