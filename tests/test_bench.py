@@ -12,7 +12,7 @@ import math
 import pytest
 
 from mpistyle import bench
-from mpistyle.bench import common, pipeline, scaling
+from mpistyle.bench import ceiling, common, pipeline, scaling
 from mpistyle.errors import MpistyleError
 
 from .conftest import BBB, run_mpistyle
@@ -496,3 +496,14 @@ def test_ceiling_matrix_keeps_going_past_a_failed_run(monkeypatch) -> None:
     monkeypatch.setattr(args, "ranks", [2])
     with pytest.raises(MpistyleError, match="every ceiling run failed"):
         ceiling.run(args, "mpiexec")
+
+
+def test_marginal_cost_leaves_out_the_fixed_costs() -> None:
+    short = {"frames": 10, "rank0_cpu_s": 3.0, "recv_bytes": 100, "cpu_ms_per_frame_net": 200.0}
+    long = {"frames": 40, "rank0_cpu_s": 3.6, "recv_bytes": 700, "cpu_ms_per_frame_net": 60.0}
+    row = ceiling.with_marginal(short, long)
+    assert row["marginal_cpu_ms_per_frame"] == pytest.approx(20.0)  # 0.6 s over 30 extra frames
+    assert row["marginal_recv_kb_per_frame"] == pytest.approx(0.02)
+    assert ceiling.cost_ms(row) == pytest.approx(20.0) and ceiling.cost_ms(long) == 60.0
+    with pytest.raises(ValueError):
+        ceiling.with_marginal(long, short)

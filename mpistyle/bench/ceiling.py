@@ -361,6 +361,27 @@ def ceiling_row(report: dict[str, Any], cpu0: dict[str, Any], process_s: float) 
     }
 
 
+def with_marginal(short: dict[str, Any], long: dict[str, Any]) -> dict[str, Any]:
+    """The long run's row plus the marginal cost per frame between two clip lengths (pure).
+
+    Every rank pays fixed costs (MPI and torch start-up, model load, probe, the join's ffmpeg start)
+    that a short clip spreads over few frames; the difference between a clip of F frames and one of
+    K x F frames leaves only what each extra frame costs rank 0: the serial stream a long video sees.
+    """
+    extra = long["frames"] - short["frames"]
+    if extra <= 0:
+        raise ValueError("the long clip must have more frames")
+    marginal = (long["rank0_cpu_s"] - short["rank0_cpu_s"]) / extra * 1e3
+    recv = (long["recv_bytes"] - short["recv_bytes"]) / extra
+    return {**long, "short_frames": short["frames"], "marginal_cpu_ms_per_frame": marginal,
+            "marginal_recv_kb_per_frame": recv / 1e3}
+
+
+def cost_ms(row: dict[str, Any]) -> float:
+    """Rank 0's CPU per frame a long video approaches: the marginal figure when measured, else the net one."""
+    return float(row.get("marginal_cpu_ms_per_frame", row["cpu_ms_per_frame_net"]))
+
+
 # --------------------------------------------------------------------------------------------
 # derived figures (pure)
 
@@ -382,7 +403,10 @@ def ratios(rows: Iterable[dict[str, Any]], baseline: str, new: str) -> list[dict
                     "new_cpu_ms_per_frame": r["cpu_ms_per_frame"],
                     "ratio": b["cpu_ms_per_frame"] / r["cpu_ms_per_frame"] if r["cpu_ms_per_frame"] > 0 else math.inf,
                     "ratio_net": (b["cpu_ms_per_frame_net"] / r["cpu_ms_per_frame_net"]
-                                  if r["cpu_ms_per_frame_net"] > 0 else math.inf)})
+                                  if r["cpu_ms_per_frame_net"] > 0 else math.inf),
+                    **({"baseline_marginal_ms": cost_ms(b), "new_marginal_ms": cost_ms(r),
+                        "ratio_marginal": cost_ms(b) / cost_ms(r) if cost_ms(r) > 0 else math.inf}
+                       if "marginal_cpu_ms_per_frame" in r else {})})
     return out
 
 
@@ -402,8 +426,9 @@ def projections(rows: Iterable[dict[str, Any]], link_gbps: float = LINK_GBPS, gp
             largest[key] = r
     out = []
     for (version, width, height, decode), r in largest.items():
-        proj = ceiling_projection(r["cpu_ms_per_frame_net"] / 1e3, r["recv_bytes"] / r["frames"], link_gbps,
-                                  gpu_rank_fps, ranks)
+        recv = (r["marginal_recv_kb_per_frame"] * 1e3 if "marginal_recv_kb_per_frame" in r
+                else r["recv_bytes"] / r["frames"])
+        proj = ceiling_projection(max(cost_ms(r), 1e-6) / 1e3, max(recv, 0.0), link_gbps, gpu_rank_fps, ranks)
         out.append({"version": version, "width": width, "height": height, "decode": decode, "encode": encode,
                     "measured_at_ranks": r["ranks"], **proj})
     return out
@@ -441,8 +466,13 @@ def format_ceiling(result: dict[str, Any]) -> str:
              fmt(r["cpu_ms_per_frame_net"], ".1f"),
              fmt(r["recv_kb_per_frame"], ".0f") + ("*" if r["recv_source"] == "computed" else "")]
             for r in result["rows"]]
+    if any("marginal_cpu_ms_per_frame" in r for r in result["rows"]):
+        for row, r in zip(body, result["rows"], strict=True):
+            row.append(fmt(r.get("marginal_cpu_ms_per_frame", math.nan), ".2f"))
     lines += table(["version", "size", "ranks", "encode", "decode", "frames", "frames/s", "r0 CPU ms/f",
-                    "net ms/f", "r0 recv KB/f"], body)
+                    "net ms/f", "r0 recv KB/f",
+                    *(["marginal ms/f"] if any("marginal_cpu_ms_per_frame" in r for r in result["rows"]) else [])],
+                   body)
     for f in result.get("failures") or []:
         lines.append(f"  FAILED: {f['version']} {f['width']}x{f['height']} {f['ranks']} rank(s) "
                      f"{f['encode']}/{f['decode']}: {f['error']}")
@@ -453,7 +483,8 @@ def format_ceiling(result: dict[str, Any]) -> str:
         for q in result["ratios"]:
             by_size.setdefault(f"{q['width']}x{q['height']}", []).append(
                 f"{q['ranks']} rank(s) {q['encode']}/{q['decode']}: {fmt(q['ratio'], '.2f')}x / "
-                f"{fmt(q['ratio_net'], '.2f')}x")
+                f"{fmt(q['ratio_net'], '.2f')}x" + (f" / marginal {fmt(q['ratio_marginal'], '.1f')}x"
+                                                      if "ratio_marginal" in q else ""))
         lines += [f"  {size}: " + "; ".join(items) for size, items in by_size.items()]
     if result.get("projections"):
         p0 = result["projections"][0]
@@ -513,6 +544,8 @@ def run(args: Any, mpiexec: str) -> dict[str, Any]:
         for width, height in sizes:
             frames = args.frames or default_frames(width, height)
             clip = make_clip(source_clip, width, height, frames, tmp)
+            factor = getattr(args, "long_factor", 1)
+            long_clip = make_clip(source_clip, width, height, frames * factor, tmp) if factor > 1 else None
             for n in ranks:
                 for encode in encodes:
                     for v in versions:  # versions interleaved: they share the machine's slow and fast moments
@@ -522,6 +555,10 @@ def run(args: Any, mpiexec: str) -> dict[str, Any]:
                             try:
                                 r = run_job(mpiexec, v, bootstrap, clip, model, n, width, height, encode, decode,
                                             args.ceiling_temporal, args.threads_per_rank, args.device, tmp)
+                                if long_clip is not None:  # the same job on a longer clip: the marginal cost
+                                    r = with_marginal(r, run_job(mpiexec, v, bootstrap, long_clip, model, n, width,
+                                                                 height, encode, decode, args.ceiling_temporal,
+                                                                 args.threads_per_rank, args.device, tmp))
                             except MpistyleError as exc:  # keep the rest of a long matrix; listed in the result
                                 logger.warning("%s", exc)
                                 failures.append({"version": v.label, "width": width, "height": height, "ranks": n,
@@ -532,6 +569,8 @@ def run(args: Any, mpiexec: str) -> dict[str, Any]:
                                         v.label, width, height, n, encode, decode, r["fps"], r["cpu_ms_per_frame"],
                                         r["recv_kb_per_frame"])
             os.unlink(clip)
+            if long_clip is not None:
+                os.unlink(long_clip)
     if not rows:
         raise MpistyleError(f"every ceiling run failed; the first: {failures[0]['error']}" if failures
                             else "no ceiling run to do (check --decode against the code's options)")

@@ -100,6 +100,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--decode", type=_decode_list, default="rank0,each", metavar="MODE[,MODE]",
                    help="stylize --decode modes, rank0 and/or each, where the code under test has --decode "
                         "(default rank0,each; code without it runs rank0 only)")
+    g.add_argument("--long-factor", type=positive_int, default=1, metavar="K",
+                   help="--ceiling: also run every job on a clip K times longer and report rank 0's marginal CPU "
+                        "per frame between the two (what a long video costs per frame, without fixed costs); "
+                        "the ratios and the scaling model then use it")
     g.add_argument("--ceiling-temporal", choices=("none", "flow"), default="none",
                    help="stylize --temporal in the ceiling runs (default none: no flow, no fusion)")
     g.add_argument("--baseline", default=None, metavar="SRC",
