@@ -505,5 +505,13 @@ def test_marginal_cost_leaves_out_the_fixed_costs() -> None:
     assert row["marginal_cpu_ms_per_frame"] == pytest.approx(20.0)  # 0.6 s over 30 extra frames
     assert row["marginal_recv_kb_per_frame"] == pytest.approx(0.02)
     assert ceiling.cost_ms(row) == pytest.approx(20.0) and ceiling.cost_ms(long) == 60.0
+    assert ceiling.serial_ms(row) == pytest.approx(20.0)  # one rank: all of it is serial
+    # with other ranks, rank 0's serial cost is what it does beyond the median rank
+    cpu = {"0": {"self_cpu_s": 3.0, "children_cpu_s": 0.0}, "1": {"self_cpu_s": 2.0, "children_cpu_s": 0.0},
+           "2": {"self_cpu_s": 2.1, "children_cpu_s": 0.0}}
+    cpu_long = {"0": {"self_cpu_s": 3.6, "children_cpu_s": 0.0}, "1": {"self_cpu_s": 2.45, "children_cpu_s": 0.0},
+                "2": {"self_cpu_s": 2.55, "children_cpu_s": 0.0}}
+    row = ceiling.with_marginal({**short, "cpu_ranks": cpu}, {**long, "cpu_ranks": cpu_long})
+    assert row["worker_marginal_ms"] == pytest.approx(15.0) and ceiling.serial_ms(row) == pytest.approx(5.0)
     with pytest.raises(ValueError):
         ceiling.with_marginal(long, short)
