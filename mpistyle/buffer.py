@@ -53,6 +53,7 @@ import h5py
 import numpy as np
 
 from .errors import MpistyleError
+from .partition import runs_of
 
 logger = logging.getLogger(__name__)
 
@@ -315,7 +316,7 @@ class MpioWriter:
         pending, self._pending = self._pending, []
         try:
             os.fsync(self._fd)
-            for lo, hi in _ranges(sorted(pending)):
+            for lo, hi in runs_of(sorted(pending)):
                 self._done[lo:hi] = np.ones(hi - lo, dtype=np.uint8)
             os.fsync(self._fd)
         except OSError as exc:
@@ -326,16 +327,6 @@ class MpioWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-def _ranges(indices: Sequence[int]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for t in indices:
-        if out and out[-1][1] == t:
-            out[-1] = (out[-1][0], t + 1)
-        else:
-            out.append((t, t + 1))
-    return out
 
 
 def remove_buffer(path: str) -> None:

@@ -199,7 +199,8 @@ class Plan:
         return sum(len(run.halo_frames) for rp in self.ranks for run in rp.runs)
 
 
-def _runs_of(frames: Sequence[int]) -> list[tuple[int, int]]:
+def runs_of(frames: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, stop) of each run of consecutive numbers in ``frames`` (sorted), in order (pure)."""
     runs: list[tuple[int, int]] = []
     for t in frames:
         if runs and runs[-1][1] == t:
@@ -229,7 +230,7 @@ def make_plan(n_frames: int, n_ranks: int, halo: int, done: Sequence[bool] | Non
     plans = [RankPlan(rank=r, bounds=bounds[r]) for r in range(n_ranks)]
     for rp in plans:
         a0, b0 = rp.bounds
-        for start, stop in _runs_of([t for t in range(a0, b0) if not done[t]]):
+        for start, stop in runs_of([t for t in range(a0, b0) if not done[t]]):
             rp.runs.append(_make_run(start, stop, anchors, done))
     # Warm-up frames still to do are owned (and computed) by earlier ranks: wire exports/imports.
     for rp in plans:

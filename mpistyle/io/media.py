@@ -50,15 +50,9 @@ def probe(path: str, fps: Fraction | None = None) -> VideoInfo:
 
 def iter_frames(path: str, size: tuple[int, int] | None = None, start: int = 0,
                 info: VideoInfo | None = None) -> Iterator[np.ndarray]:
-    """Stream the frames of a video or image sequence as RGB uint8 (h, w, 3) arrays, in constant memory.
-
-    Yields exactly ``info.n_frames - start`` frames (``info`` defaults to ``probe(path)``): a variable-rate
-    video is converted to its constant rate on the way (``info.frame_map``), and if a damaged file decodes to
-    a few frames fewer than its container announced, the last frame is held in their place (a warning; more
-    than 1 % missing is an error). ``size`` = (w, h) makes ffmpeg resample the frames (area when shrinking,
-    bicubic otherwise). ``start`` skips the first frames exactly (decoded and dropped inside ffmpeg). The
-    input is checked when this is called; ffmpeg starts on the first ``next`` and is killed when the iterator
-    is closed or collected.
+    """Stream the frames of a video or image sequence as RGB uint8 (h, w, 3) arrays, in constant memory:
+    exactly ``info.n_frames - start`` of them (``info`` defaults to ``probe(path)``). Videos: see
+    :func:`mpistyle.io.decode.iter_video_frames`; image sequences: :func:`mpistyle.io.sequence.iter_frames`.
     """
     _check_start(start)
     info = info or probe(path)

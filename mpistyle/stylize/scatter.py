@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import MpistyleError
 from ..mpi import poll_until
-from ..partition import Plan
+from ..partition import Plan, runs_of
 from .comm import TAG_GIVE, TAG_REQ, TAG_SRC, Messenger, ReportingThread, Stopped, mpi_any_source, mpi_status
 from .options import chunk_list
 
@@ -297,13 +297,7 @@ class LocalDecoder(ReportingThread):
 
 def contiguous_ranges(frames: Sequence[int]) -> list[tuple[int, int]]:
     """(first, count) of each run of consecutive frame numbers, in order (pure)."""
-    out: list[tuple[int, int]] = []
-    for t in frames:
-        if out and out[-1][0] + out[-1][1] == t:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((t, 1))
-    return out
+    return [(start, stop - start) for start, stop in runs_of(frames)]
 
 
 class Scheduler:
