@@ -289,39 +289,60 @@ def open_parallel(path: str, comm: Any) -> h5py.File:
         raise MpistyleError(f"cannot open buffer {path} with parallel HDF5: {exc}") from None
 
 
-class MpioWriter:
+class _FrameWriter:
+    """Write frames, then ``commit``: make them durable, then mark them done. One owner thread.
+
+    Subclasses say where frame ``index`` goes (``_offset``), how the data is made durable (``_sync``)
+    and how done flags are set (``_mark``).
+    """
+
+    _offset = 0
+    error_path = ""
+
+    def __init__(self) -> None:
+        self._pending: list[int] = []
+
+    def write(self, index: int, frame: np.ndarray) -> None:
+        """Store one frame; it counts as done after the next :meth:`commit`."""
+        try:
+            self._frames[index - self._offset] = frame
+        except OSError as exc:
+            raise _disk_error(exc, self.error_path) from None
+        self._pending.append(index)
+
+    def commit(self) -> list[int]:
+        """Make the frames written so far durable, then mark them done. Returns the new indices."""
+        if not self._pending:
+            return []
+        pending, self._pending = self._pending, []
+        try:
+            self._sync()
+            for lo, hi in runs_of(sorted(pending)):
+                self._done[lo - self._offset:hi - self._offset] = np.ones(hi - lo, dtype=self._done.dtype)
+            self._sync()
+        except OSError as exc:
+            raise _disk_error(exc, self.error_path) from None
+        return pending
+
+    def _sync(self) -> None:
+        raise NotImplementedError
+
+
+class MpioWriter(_FrameWriter):
     """mpio layout: one rank's writes into the shared file, independent I/O only.
 
-    Same contract as :class:`PartWriter`: ``write`` then ``commit`` (fsync, then the done flags).
     HDF5 does not cache raw data in parallel mode, so an fsync of our own descriptor makes it durable
     without the collective ``H5Fflush``.
     """
 
     def __init__(self, handle: h5py.File, path: str) -> None:
-        self.path = path
+        super().__init__()
+        self.path = self.error_path = path
         self._frames, self._done = handle["frames"], handle["done"]
         self._fd = os.open(path, os.O_RDONLY)
-        self._pending: list[int] = []
 
-    def write(self, index: int, frame: np.ndarray) -> None:
-        try:
-            self._frames[index] = frame
-        except OSError as exc:
-            raise _disk_error(exc, self.path) from None
-        self._pending.append(index)
-
-    def commit(self) -> list[int]:
-        if not self._pending:
-            return []
-        pending, self._pending = self._pending, []
-        try:
-            os.fsync(self._fd)
-            for lo, hi in runs_of(sorted(pending)):
-                self._done[lo:hi] = np.ones(hi - lo, dtype=np.uint8)
-            os.fsync(self._fd)
-        except OSError as exc:
-            raise _disk_error(exc, self.path) from None
-        return pending
+    def _sync(self) -> None:
+        os.fsync(self._fd)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -466,18 +487,18 @@ class FrameReader:
             self._open.clear()
 
 
-class PartWriter:
-    """One rank's part file for frames [first, stop): write frames, commit them as done.
+class PartWriter(_FrameWriter):
+    """One rank's part file for frames [first, stop): write frames, commit them as done (flush + fsync).
 
     Not thread-safe: one writer thread per rank (``stylize.store``) owns it.
     """
 
     def __init__(self, buffer_path: str, first: int, stop: int, height: int, width: int, digest: str) -> None:
-        self.buffer_path = buffer_path
+        super().__init__()
+        self.buffer_path = self.error_path = buffer_path
         self.first, self.stop = first, stop
+        self._offset = first
         self.path = os.path.join(parts_dir(buffer_path), part_name(first, stop))
-        self._pending: list[int] = []
-        self.committed: list[int] = []
         if os.path.exists(self.path):  # this run was planned before and never committed a frame
             self._f = self._reopen(height, width, digest)
         else:
@@ -522,32 +543,9 @@ class PartWriter:
             _unlink(tmp)
             raise
 
-    def write(self, index: int, frame: np.ndarray) -> None:
-        """Store one frame; it counts as done after the next :meth:`commit`."""
-        try:
-            self._frames[index - self.first] = frame
-        except OSError as exc:
-            raise _disk_error(exc, self.buffer_path) from None
-        self._pending.append(index)
-
-    def commit(self) -> list[int]:
-        """Flush and fsync the frames written so far, then mark them done. Returns the new indices."""
-        if not self._pending:
-            return []
-        pending, self._pending = self._pending, []
-        try:
-            self._f.flush()
-            os.fsync(self._f.id.get_vfd_handle())
-            local = np.asarray(pending) - self.first
-            lo, hi = int(local.min()), int(local.max()) + 1
-            flags = np.asarray(self._done[lo:hi], dtype=bool)
-            flags[local - lo] = True
-            self._done[lo:hi] = flags
-            self._f.flush()
-        except OSError as exc:
-            raise _disk_error(exc, self.buffer_path) from None
-        self.committed += pending
-        return pending
+    def _sync(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.id.get_vfd_handle())
 
     def close(self) -> None:
         if self._f.id.valid:
