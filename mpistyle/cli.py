@@ -31,7 +31,7 @@ def _positive_int(text: str) -> int:
 
 
 def _batch(text: str) -> int:
-    """``--batch N|auto``; auto is 0 (models.resolve_batch treats 0 as auto)."""
+    """``--batch N|auto``; auto is 0 (engine.resolve_batch treats 0 as auto)."""
     return 0 if text == "auto" else _positive_int(text)
 
 

@@ -51,7 +51,8 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     def load() -> Any:
         import torch
 
-        from ..models import Stylizer, load_model, resolve_precision
+        from ..engine import Stylizer, resolve_precision
+        from ..models import load_model
 
         device = select_device(opts.device, local_rank)
         model = load_model(checked.model_path, device)
