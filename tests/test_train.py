@@ -214,12 +214,12 @@ def test_fp16_with_grad_scaler_trains_and_resumes_exactly(images, tmp_path, devi
 
 
 def test_bf16_autocast_trains_and_auto_follows_the_cpu(images, tmp_path, monkeypatch):
-    from mpistyle import models
+    from mpistyle import engine
 
-    monkeypatch.setattr(models, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: False)
     auto = Trainer(_cfg(images, tmp_path / "a.pth", steps=1))
     assert auto.amp_dtype is None and not auto.scaler.is_enabled()  # fp32 on a CPU without native bf16
-    monkeypatch.setattr(models, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: True)
     assert Trainer(_cfg(images, tmp_path / "a.pth", steps=1)).amp_dtype == torch.bfloat16
     tr = Trainer(_cfg(images, tmp_path / "b.pth", steps=3, precision="bf16", pool_size=16))
     assert tr.amp_dtype == torch.bfloat16 and not tr.scaler.is_enabled()  # bf16 needs no loss scaling

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from mpistyle import __version__
+from mpistyle import engine as _engine
 from mpistyle import models as _models
 from mpistyle.errors import Interrupted, MpistyleError
 from mpistyle.models import atomic_write, save_model
@@ -228,7 +229,7 @@ def resolve_train_precision(precision: str, device: torch.device) -> torch.dtype
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and _models.cpu_supports_bf16():
+    if device.type == "cpu" and _engine.cpu_supports_bf16():
         return torch.bfloat16
     return None
 
@@ -598,7 +599,7 @@ class Trainer:
             self._score_frames = np.stack([resize_short(f, cfg.score_size) for f in frames])
         src = self._score_frames
         plain = self._plain_model()
-        out = _models.Stylizer(plain, torch.device("cpu"), "auto")(src)
+        out = _engine.Stylizer(plain, torch.device("cpu"), "auto")(src)
         rec = {"step": self.step, **sc.picture_scores(out, src)}
         with torch.no_grad(), self._autocast():
             feats = self.vgg(to_tensor(out).to(self.device))
