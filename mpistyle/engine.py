@@ -198,8 +198,28 @@ class PendingBatch:
         return out
 
 
+POSTFILTERS = ("none", "median3")
+
+
+def median3(y: torch.Tensor) -> torch.Tensor:
+    """3x3 median of each channel of an (N,C,H,W) tensor, borders replicated (as OpenCV's ``medianBlur``).
+
+    Johnson's and Ruder's code apply it to every stylized frame by default: it halves the fine grid of
+    period 4 that a stride-4 network prints, and keeps edges. A model asks for it in its file
+    (provenance ``"postfilter": "median3"``, set by ``mpistyle train --postfilter``); the network's
+    weights stay a plain fast_neural_style state dict.
+    """
+    p = F.pad(y, (1, 1, 1, 1), mode="replicate") if y.is_floating_point() else F.pad(
+        y.float(), (1, 1, 1, 1), mode="replicate").to(y.dtype)
+    n, c, h, w = y.shape
+    return p.unfold(2, 3, 1).unfold(3, 3, 1).reshape(n, c, h, w, 9).median(dim=-1).values
+
+
 class Stylizer:
     """Batched, deterministic inference: (N,H,W,3) uint8 RGB -> (N,H,W,3) uint8 RGB.
+
+    A model with a ``postfilter`` attribute (``"median3"``, from its file: :func:`mpistyle.models.load_model`)
+    has it applied to every output frame.
 
     On CUDA, :meth:`submit` overlaps batches: frames go through a pinned host buffer with a
     non-blocking upload, the network and the download run on one of two CUDA streams, so batch k's
@@ -292,5 +312,7 @@ class Stylizer:
                 y = self.model(x)
         else:
             y = self.model(x)
-        y = y[:, :, :h, :w].float().clamp_(0, 255).round_()
-        return y.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        y = y[:, :, :h, :w].float().clamp_(0, 255).round_().to(torch.uint8)
+        if getattr(self.model, "postfilter", "none") == "median3":
+            y = median3(y)
+        return y.permute(0, 2, 3, 1).contiguous()

@@ -172,6 +172,12 @@ def load_model(spec: str | None, device: str | torch.device = "cpu") -> nn.Modul
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
         raise MpistyleError(f"model file {path} has non-finite weights in {_abbrev(bad)}")
+    # A filter on the output that the model was trained and scored with (mpistyle.engine.median3):
+    # recorded in the provenance, so the state dict stays plain fast_neural_style.
+    post = model_info(path).get("postfilter", "none")
+    if post not in ("none", "median3"):
+        raise MpistyleError(f"model file {path} asks for an unknown postfilter '{post}' (known: none, median3)")
+    model.postfilter = post
     return model.eval().to(device)
 
 

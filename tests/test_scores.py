@@ -69,3 +69,26 @@ def test_grid_loss_sees_the_pattern_and_its_gradient_removes_it():
         opt.step()
     assert float(grid_loss(x)) < 0.1 * dirty
     assert float(grid_loss(torch.zeros(1, 3, 16, 16))) == 0.0  # smaller than a tile: nothing to measure
+
+
+def test_engine_median3_is_opencvs_and_a_model_file_asks_for_it(tmp_path):
+    from mpistyle import engine, models
+    from mpistyle.nets import TransformerNet
+
+    img = _with_grid(_photo(), 6.0)
+    t = torch.from_numpy(img).permute(2, 0, 1)[None].contiguous()
+    got = engine.median3(t)[0].permute(1, 2, 0).numpy()
+    assert np.array_equal(got, scores.median3(img))
+    assert np.array_equal(engine.median3(t.float())[0].permute(1, 2, 0).numpy().astype(np.uint8), got)
+    torch.manual_seed(0)
+    net = TransformerNet()
+    for post in ("none", "median3"):
+        models.save_model(net, str(tmp_path / f"{post}.pth"), {"postfilter": post}, half=False)
+    plain, filtered = models.load_model(str(tmp_path / "none.pth")), models.load_model(str(tmp_path / "median3.pth"))
+    assert plain.postfilter == "none" and filtered.postfilter == "median3"
+    frames = _photo(64, 96)[None]
+    a = engine.Stylizer(plain, torch.device("cpu"), "fp32")(frames)
+    b = engine.Stylizer(filtered, torch.device("cpu"), "fp32")(frames)
+    assert np.array_equal(b[0], scores.median3(a[0]))
+    again = TransformerNet()
+    again.load_state_dict(torch.load(tmp_path / "median3.pth", weights_only=True))  # still a plain state dict

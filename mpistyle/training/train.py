@@ -172,6 +172,7 @@ class TrainConfig:
     lr_decay_steps: int = 0
     vgg_pool: str = "max"
     grid_weight: float = 0.0
+    postfilter: str = "none"  # recorded in the model file; the engine applies it at inference
     score_on: str | None = None  # held-out video: score every checkpoint, keep the best model
     score_frames: int = 4
     score_size: int = 256
@@ -200,6 +201,7 @@ class TrainConfig:
             "lr_decay_steps": self.lr_decay_steps,
             "vgg_pool": self.vgg_pool,
             "grid_weight": self.grid_weight,
+            "postfilter": self.postfilter,
         }
 
 
@@ -599,6 +601,7 @@ class Trainer:
             self._score_frames = np.stack([resize_short(f, cfg.score_size) for f in frames])
         src = self._score_frames
         plain = self._plain_model()
+        plain.postfilter = cfg.postfilter
         out = _engine.Stylizer(plain, torch.device("cpu"), "auto")(src)
         rec = {"step": self.step, **sc.picture_scores(out, src)}
         with torch.no_grad(), self._autocast():
@@ -655,6 +658,7 @@ class Trainer:
             "init": stage["init"],
             "stages": earlier + [stage],
             "held_out_scores": self.scores[-1] if self.scores else None,
+            "postfilter": self.cfg.postfilter,
         }
 
     def save_model(self) -> None:
@@ -878,6 +882,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid-weight", type=float, default=0.0,
                         help="weight of the period-4 grid loss (per-tile phase pattern of the output's "
                         "high-pass; counted with the TV part in the logs; default 0)")
+    parser.add_argument("--postfilter", choices=("none", "median3"), default="none",
+                        help="filter on the output that the model file asks for at inference (and that "
+                        "--score-on scores): median3 = 3x3 median, Johnson's default (default none)")
     parser.add_argument("--vgg-pool", choices=("max", "avg"), default="max",
                         help="pooling of the VGG-19 loss network (default max)")
     parser.add_argument(
@@ -979,6 +986,7 @@ def config_from_args(args: argparse.Namespace, comm: Comm) -> TrainConfig:
         lr_decay_steps=args.lr_decay_steps,
         vgg_pool=args.vgg_pool,
         grid_weight=args.grid_weight,
+        postfilter=args.postfilter,
         score_on=args.score_on,
         score_frames=args.score_frames,
         score_size=args.score_size,
