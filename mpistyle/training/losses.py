@@ -340,29 +340,37 @@ def main(args: argparse.Namespace) -> int:
     frames = np.stack([resize_short(f, args.size) for f in frames])
     style = resize_short(style, args.size)
 
-    rows: list[tuple[str, dict[str, float]]] = [
-        ("source frames", style_content_losses(frames, style, frames))
-    ]
+    from mpistyle.training import scores
+
+    def row(out: np.ndarray) -> dict[str, float]:
+        return {**style_content_losses(out, style, frames), **scores.picture_scores(list(out), list(frames))}
+
+    rows: list[tuple[str, dict[str, float]]] = [("source frames", row(frames))]
     torch.manual_seed(args.seed)
     untrained = nets.TransformerNet().eval()
-    rows.append(
-        (
-            f"untrained TransformerNet (seed {args.seed})",
-            style_content_losses(
-                engine.Stylizer(untrained, torch.device("cpu"), "fp32")(frames), style, frames
-            ),
-        )
-    )
+    rows.append((f"untrained TransformerNet (seed {args.seed})",
+                 row(engine.Stylizer(untrained, torch.device("cpu"), "fp32")(frames))))
     specs = args.model or sorted(models.bundled_models())
     for spec in specs:
         net = models.load_model(spec)
         out = engine.Stylizer(net, torch.device("cpu"), "fp32")(frames)
-        rows.append((spec, style_content_losses(out, style, frames)))
+        rows.append((spec + (" (median3)" if getattr(net, "postfilter", "none") == "median3" else ""), row(out)))
     width = max(len(r[0]) for r in rows)
     print(f"style: {args.style}  frames: {len(frames)} of {src} at {frames.shape[2]}x{frames.shape[1]}")
-    print(f"{'':{width}}  {'style loss':>12}  {'content loss':>12}")
-    for name, d in rows:
-        print(f"{name:{width}}  {d['style']:12.4g}  {d['content']:12.4g}")
+    print(f"{'':{width}}  {'style loss':>10}  {'content loss':>12}  {'structure':>9}  {'grid':>5}  {'PSNR dB':>7}"
+          "  bars")
+    untrained_content = rows[1][1]["content"]
+    for i, (name, d) in enumerate(rows):
+        verdict = ""
+        if i >= 2:
+            ok = scores.passes(d)
+            ok["content"] = d["content"] < untrained_content
+            failed = [k for k, v in ok.items() if not v]
+            verdict = "pass" if not failed else "FAIL: " + ", ".join(failed)
+        print(f"{name:{width}}  {d['style']:10.4g}  {d['content']:12.4g}  {d['structure']:9.3f}  {d['grid']:5.2f}"
+              f"  {d['psnr']:7.2f}  {verdict}")
+    print("bars (issue 22): structure >= 0.70, grid <= 1 level (period-4 RMS), PSNR < 18 dB, "
+          "content loss below the untrained network's")
     return 0
 
 
