@@ -418,3 +418,12 @@ def test_score_on_keeps_the_best_checkpoint(images, tmp_path, caplog):
     assert info["settings"]["grid_weight"] == 1.0 and info["settings"]["vgg_pool"] == "avg"
     assert info["held_out_scores"]["step"] == 4
 
+
+
+def test_torch_norm_trains_the_same_weights_layout(images, tmp_path):
+    tr = Trainer(_cfg(images, tmp_path / "t.pth", steps=2, checkpoint_every=0, norm="torch"))
+    assert any(isinstance(m, torch.nn.InstanceNorm2d) for m in tr.model.modules())
+    hist = tr.run()
+    fused = Trainer(_cfg(images, tmp_path / "f.pth", steps=2, checkpoint_every=0)).run()
+    assert hist[0]["total"] == pytest.approx(fused[0]["total"], rel=1e-4)  # same network, same first loss
+    TransformerNet().load_state_dict(torch.load(tmp_path / "t.pth", weights_only=True))

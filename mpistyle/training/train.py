@@ -33,7 +33,7 @@ from mpistyle import engine as _engine
 from mpistyle import models as _models
 from mpistyle.errors import Interrupted, MpistyleError
 from mpistyle.models import atomic_write, save_model
-from mpistyle.nets import TransformerNet
+from mpistyle.nets import TransformerNet, use_torch_instance_norm
 from mpistyle.training.content import (
     PairPool,
     build_crop_pool,
@@ -173,6 +173,7 @@ class TrainConfig:
     vgg_pool: str = "max"
     grid_weight: float = 0.0
     postfilter: str = "none"  # recorded in the model file; the engine applies it at inference
+    norm: str = "fused"  # "torch": nn.InstanceNorm2d, the network as mpistyle 0.3 trained it (for comparisons)
     score_on: str | None = None  # held-out video: score every checkpoint, keep the best model
     score_frames: int = 4
     score_size: int = 256
@@ -336,6 +337,8 @@ class Trainer:
         )
         torch.manual_seed(cfg.seed)
         self.model = TransformerNet()
+        if cfg.norm == "torch":
+            use_torch_instance_norm(self.model)
         self.init_info: dict[str, Any] = {}
         if cfg.init:
             self._init_from(cfg.init)
@@ -882,6 +885,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid-weight", type=float, default=0.0,
                         help="weight of the period-4 grid loss (per-tile phase pattern of the output's "
                         "high-pass; counted with the TV part in the logs; default 0)")
+    parser.add_argument("--norm", choices=("fused", "torch"), default="fused",
+                        help="instance norm: mpistyle's fused one (default) or torch's InstanceNorm2d, as "
+                        "mpistyle 0.3 trained (for speed comparisons; the same weights either way)")
     parser.add_argument("--postfilter", choices=("none", "median3"), default="none",
                         help="filter on the output that the model file asks for at inference (and that "
                         "--score-on scores): median3 = 3x3 median, Johnson's default (default none)")
@@ -987,6 +993,7 @@ def config_from_args(args: argparse.Namespace, comm: Comm) -> TrainConfig:
         vgg_pool=args.vgg_pool,
         grid_weight=args.grid_weight,
         postfilter=args.postfilter,
+        norm=args.norm,
         score_on=args.score_on,
         score_frames=args.score_frames,
         score_size=args.score_size,
