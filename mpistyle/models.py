@@ -28,6 +28,14 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_MODEL = "starry-night"
+# One line each on what a bundled style looks like (``mpistyle models``).
+DESCRIPTIONS = {
+    "starry-night": "The Starry Night (van Gogh, 1889): short swirling strokes in deep blue and yellow, "
+                    "dark outlines; the picture stays readable",
+    "great-wave": "The Great Wave off Kanagawa (Hokusai, c. 1831): a woodblock print's flat Prussian blue "
+                  "and cream with fine line work",
+    "udnie": "Udnie (Picabia, 1913): cubist facets in warm greys, ochre and blue",
+}
 # Name of the extra record that save_model() adds inside torch's zip archive. torch.load ignores
 # records it does not reference, so the file stays a plain state dict for every other tool.
 PROVENANCE_RECORD = "mpistyle_provenance.json"
