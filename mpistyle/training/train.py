@@ -547,6 +547,9 @@ class Trainer:
         self.init_info = dict(ck.get("init_info") or self.init_info)
         self.scores = [dict(r) for r in ck.get("scores", [])]
         self.best = dict(ck["best"]) if ck.get("best") else None
+        if ck.get("score_settings") != self._score_settings():
+            # Scores taken on other frames or at another size do not compare: the next checkpoint is the best.
+            self.best = None
         current = self.cfg.settings()
         if any(current[k] != v for k, v in self.phases[-1].items() if k in current):
             self.phases.append({"from_step": self.step, **current})
@@ -573,6 +576,7 @@ class Trainer:
             "history": self.history,
             "phases": self.phases,
             "init_info": self.init_info,
+            "score_settings": self._score_settings(),
             "scores": self.scores,
             "best": self.best,
         }
@@ -586,6 +590,11 @@ class Trainer:
         plain = TransformerNet()
         plain.load_state_dict({k: v.detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()})
         return plain.eval()
+
+    def _score_settings(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"on": os.path.basename(cfg.score_on or ""), "frames": cfg.score_frames, "size": cfg.score_size,
+                "postfilter": cfg.postfilter}
 
     def best_path(self) -> str:
         return self.cfg.best or (os.path.splitext(self.cfg.output)[0] + ".best.pth")
