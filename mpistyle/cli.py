@@ -143,9 +143,9 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crf", type=int, default=18, help="x264 quality (lower = better, default 18)")
     g.add_argument("--encode", choices=("auto", "rank0", "segments"), default="auto",
                    help="segments: every rank encodes its own frames and rank 0 joins them; rank0: one encoder on "
-                        "rank 0, in frame order; both give the same bytes for any rank count (segments: "
-                        "cut every 64 frames). auto (default): segments for H.264 outputs on more than one "
-                        "rank, else rank0")
+                        "rank 0, in frame order; each gives the same bytes for any rank count (segments: "
+                        "cut every 64 frames). auto (default): segments for H.264 outputs, so 1 rank and N ranks "
+                        "give the same file; rank0 for PNG and WebM outputs")
     g.add_argument("--report", default=None, help="write a JSON report (timings per rank, frames/s) here")
     g.add_argument("--metrics", action="store_true",
                    help="after encoding, measure the warping error (overall, at partition boundaries, interior) "

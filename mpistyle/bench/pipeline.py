@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MpistyleError
+from ..partition import DEFAULT_ANCHOR_EVERY
 from .common import ENCODE_MODES, MAIN_PHASES, load_average
 
 logger = logging.getLogger(__name__)
@@ -168,6 +169,8 @@ def measured_costs(summary: dict[str, Any], runs: dict[int, dict[str, Any]]) -> 
         "root_cpu_s": max(root_cpu, 0.0),
         "startup_s": startup,  # launch + imports + setup
         "halo": int(one.get("halo") or 0),
+        # temporal fusion on: warm-ups reach back to the chain start (see scaling.network_schedule)
+        "every": DEFAULT_ANCHOR_EVERY if (one.get("temporal") or {}).get("mode", "flow") != "none" else 0,
         "halo_wait_s": halo_wait,
     }
 
