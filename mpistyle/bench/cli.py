@@ -104,8 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="--ceiling: also run every job on a clip K times longer and report rank 0's marginal CPU "
                         "per frame between the two (what a long video costs per frame, without fixed costs); "
                         "the ratios and the scaling model then use it")
-    g.add_argument("--ceiling-temporal", choices=("none", "flow"), default="none",
-                   help="stylize --temporal in the ceiling runs (default none: no flow, no fusion)")
+    g.add_argument("--ceiling-temporal", choices=("none", "flow"), default="flow",
+                   help="stylize --temporal in the ceiling runs (default flow, stylize's default: warm-ups and "
+                        "their flow and fusion on the critical path; none: no flow, no fusion)")
     g.add_argument("--baseline", default=None, metavar="SRC",
                    help="also run the source tree SRC (its root, holding mpistyle/), first on PYTHONPATH")
     g.add_argument("--baseline-ref", default=None, metavar="REF",

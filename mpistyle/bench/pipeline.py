@@ -86,6 +86,8 @@ def summarize(forward: dict[str, Any], runs: dict[int, dict[str, Any]]) -> dict[
         speedup, speedup_wall = t1_work / work, t1_wall / wall
         phases = _phase_sums(rep)
         network = [p["times_s"].get("network", 0.0) for p in phases]
+        # issue 20: the share of its work time a rank's main thread waited for warm-up frames
+        halo_waits = [p["times_s"].get("wait_halo", 0.0) / work for p in phases]
         rows.append({
             "ranks": n,
             "frames": frames,
@@ -102,6 +104,8 @@ def summarize(forward: dict[str, Any], runs: dict[int, dict[str, Any]]) -> dict[
             "efficiency": speedup / n,
             "speedup_wall": speedup_wall,
             "efficiency_wall": speedup_wall / n,
+            "speedup_process": runs[1]["process_s"] / run["process_s"],  # the whole process, launch included
+            "wait_halo_max_fraction": max(halo_waits, default=0.0),
             "network_fraction": float(np.mean(network)) / work if network else None,
             "load_before": run.get("load_before"),
             "load_after": run.get("load_after"),
@@ -204,14 +208,14 @@ def rank0_cost(report: dict[str, Any], mode: str) -> dict[str, Any]:
 def encode_jobs(ranks: Sequence[int], encode: str) -> list[tuple[int, str]]:
     """(rank count, --encode mode) of one pipeline round; a rank count's first job is its primary run.
 
-    Primary runs are what the speed-up and targets use: stylize's default (auto: rank0 on 1 rank,
-    segments on more) unless one mode is forced. ``both`` adds a rank0 run for each multi-rank count.
+    Primary runs are what the speed-up and targets use: stylize's default (auto: segments for any rank
+    count) unless one mode is forced. ``both`` adds a rank0 run for each multi-rank count.
     """
     if encode in ENCODE_MODES:
         return [(n, encode) for n in ranks]
     jobs = []
     for n in ranks:
-        jobs.append((n, "rank0" if n == 1 else "segments"))
+        jobs.append((n, "segments"))
         if encode == "both" and n > 1:
             jobs.append((n, "rank0"))
     return jobs
