@@ -358,7 +358,7 @@ def ceiling_result(tmp_path_factory) -> tuple[dict, str]:
 
 def test_ceiling_runs_end_to_end(ceiling_result) -> None:
     result, stdout = ceiling_result
-    assert result["mode"] == "ceiling" and result["temporal"] == "none"
+    assert result["mode"] == "ceiling" and result["temporal"] == "flow"  # stylize's default: warm-ups included
     new, base = result["versions"]
     assert new["label"] == "new" and base["label"].startswith("base@") and len(base["commit"]) == 40
     rows = result["rows"]
@@ -492,7 +492,7 @@ def test_ceiling_parsers_and_table() -> None:
     assert ceiling.parse_modes("each,rank0,each", ceiling.DECODE_MODES, "--decode") == ["each", "rank0"]
     with pytest.raises(ValueError):
         ceiling.parse_modes("auto", ceiling.ENCODE_MODES, "--encode")
-    assert ceiling.default_frames(640, 360) == 96 and ceiling.default_frames(1920, 1080) == 48
+    assert ceiling.default_frames(640, 360) == 384 and ceiling.default_frames(1920, 1080) == 128
     rows = [{**_crow("v02", 2, cpu_ms=12.5, recv=100 * 691_208), "recv_source": "computed"},
             _crow("new", 2, cpu_ms=6.25)]
     result = {"versions": [{"label": "new", "source": "/src/new", "commit": None, "decode_flag": True},
