@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cut the clip to its first N frames first (default: the whole clip); --ceiling: "
                              f"frames of every test clip (default {ceiling.FRAMES_SMALL} up to 720p, "
                              f"{ceiling.FRAMES_LARGE} above)")
+    parser.add_argument("--forward-frames", type=positive_int, default=None, metavar="K",
+                        help="time the bare forward pass on the first K frames only (default: every frame of the "
+                             "clip; a long clip's pipeline runs need not wait for as many bare passes)")
     parser.add_argument("-m", "--model", default=None,
                         help="bundled model name or .pth file (default: the bundled default)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
@@ -220,7 +223,8 @@ def main(args: argparse.Namespace) -> int:
                     remove_quietly(run["output"])
 
         logger.info("forward pass: %d frames at %dx%d", info.n_frames, info.width, info.height)
-        forward = measure_forward(clip, model_path, args.device, args.precision, threads, info.n_frames,
+        forward_frames = min(info.n_frames, args.forward_frames or info.n_frames)
+        forward = measure_forward(clip, model_path, args.device, args.precision, threads, forward_frames,
                                   repeat=args.repeat, compare_frames=args.compare_frames,
                                   after_pass=pipelines)
         logger.info("flow alone: %d pairs at 1 thread and at %d threads", args.flow_pairs, cpus)
