@@ -100,7 +100,8 @@ def test_resume_with_another_rank_count_equals_one_rank(clip, reference, referen
     frames and the encoded segments (block [0, 64) was already encoded by rank 0) equal 1 rank's."""
     out = tmp_path / "resumed.mp4"
     proc = _stylize(clip, out, 2, env={"MPISTYLE_FAULT": "1:58:raise"}, check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 1, proc.stderr  # the documented status of a failure (not 2: bad input, 75: stop)
+    assert "mpistyle: error: rank 1:" in proc.stderr and "injected fault at frame 58" in proc.stderr
     with h5py.File(str(out) + ".mpistyle.h5", "r") as f:
         done = f["done"][...]
     # Rank 1 stored 38..57 before its fault at 58 (its part is committed on the way out). Rank 0's

@@ -63,15 +63,14 @@ def test_output_keeps_frames_fps_and_audio(bbb_runs, ranks) -> None:
 
 @pytest.mark.parametrize("ranks", [1, 2, 3])
 def test_n_ranks_match_one_rank_without_seams(bbb_runs, ranks) -> None:
+    """The stylized frames in the buffer are the contract: identical to the plain process's, every one."""
     reference = _frames(bbb_runs[0]["buffer"])
     frames = _frames(bbb_runs[ranks]["buffer"])
-    per_frame = [psnr(a, b) for a, b in zip(reference, frames, strict=True)]
-    assert min(per_frame) >= 40.0, per_frame
-    # The encoded videos differ from each other less than H.264/yuv420p differs from its own input
-    # (at 128x72 chroma subsampling alone caps that near 38 dB), so no seam survives encoding.
+    differ = [t for t, (a, b) in enumerate(zip(reference, frames, strict=True)) if not np.array_equal(a, b)]
+    assert not differ, [(t, psnr(reference[t], frames[t])) for t in differ]
+    # and so are the decoded videos, whichever encode mode made them (segments for 0 and 2, rank0 for 1 and 3)
     ref_video, video = read_all(str(bbb_runs[0]["out"])), read_all(str(bbb_runs[ranks]["out"]))
-    codec_noise = min(psnr(a, b) for a, b in zip(ref_video, reference, strict=True))
-    assert min(psnr(a, b) for a, b in zip(ref_video, video, strict=True)) >= codec_noise
+    assert np.array_equal(ref_video, video)
 
 
 @pytest.mark.parametrize(("ranks", "reference"), [(2, 0), (3, 1)])
@@ -106,7 +105,9 @@ def test_temporal_mode_lowers_warping_error(tmp_path, bbb_runs, model_args) -> N
     run_mpistyle(["stylize", str(BBB), "-o", str(out), *model_args, "--temporal", "none"], ranks=2, check=True)
     flicker = evaluate(str(BBB), str(out))["warping_error"]
     steady = evaluate(str(BBB), str(bbb_runs[2]["out"]))["warping_error"]
-    assert steady <= 0.6 * flicker, (steady, flicker)
+    # Measured (2026-12, v0.3, bundled starry-night, 2 ranks): 0.41 (2.70e-4 against 6.67e-4). A fusion
+    # that lost a quarter of its effect, or none at all (1.0), fails.
+    assert steady <= 0.5 * flicker, (steady, flicker, steady / flicker)
 
 
 def test_silent_input_and_ntsc_rate(tmp_path, model_args) -> None:
