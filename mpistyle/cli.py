@@ -31,7 +31,7 @@ def _positive_int(text: str) -> int:
 
 
 def _batch(text: str) -> int:
-    """``--batch N|auto``; auto is 0 (models.resolve_batch treats 0 as auto)."""
+    """``--batch N|auto``; auto is 0 (engine.resolve_batch treats 0 as auto)."""
     return 0 if text == "auto" else _positive_int(text)
 
 
@@ -116,6 +116,11 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch", type=_batch, default=None,
                    help="frames per network call, or auto: from free GPU memory and frame size on CUDA, "
                         "1 on CPU (default auto)")
+    g.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="run the network compiled (AOTInductor, one static shape per job): rank 0 compiles once, "
+                        "or reads it from the cache of earlier jobs, and every rank runs the same package. auto "
+                        "(default): where it pays, on CPUs with native bf16, when each rank has more frames than "
+                        "the break-even; a resumed buffer keeps its choice")
     g.add_argument("--threads", type=_positive_int, default=None,
                    help="threads per rank (default SLURM_CPUS_PER_TASK, else node cores / ranks on the node)")
     g.add_argument("--chunk", type=_positive_int, default=8, help="frames per scatter message (default 8)")
@@ -176,8 +181,8 @@ def _stylize_options(args: argparse.Namespace) -> object:
     return StylizeOptions(
         input=args.input, output=args.output, model=args.model, temporal=temporal, halo=args.halo,
         width=args.width, height=args.height, scale=args.scale, device=args.device, precision=args.precision,
-        batch=args.batch or 0, buffer=args.buffer, buffer_layout=args.buffer_layout, restart=args.restart,
-        keep_buffer=args.keep_buffer,
+        batch=args.batch or 0, compile=args.compile, buffer=args.buffer, buffer_layout=args.buffer_layout,
+        restart=args.restart, keep_buffer=args.keep_buffer,
         threads=args.threads, scratch=args.scratch, chunk=args.chunk, schedule=args.schedule,
         chunks=args.chunks or 0, crf=args.crf, encode=args.encode, decode=args.decode, report=args.report,
         progress=not args.no_progress, fps=args.fps)

@@ -129,6 +129,16 @@ def test_io_and_temporal_run_one_way(graph: dict[str, set[str]]) -> None:
         assert "mpistyle.temporal.chains" not in graph[name], name
 
 
+def test_networks_files_and_engine_each_have_a_module(graph: dict[str, set[str]]) -> None:
+    """nets (definitions) at the bottom; models (files) and engine (running them) build on it, not on each other."""
+    assert graph["mpistyle.nets"] <= {"mpistyle.errors"}
+    assert "mpistyle.nets" in graph["mpistyle.models"] and "mpistyle.engine" not in graph["mpistyle.models"]
+    assert "mpistyle.nets" in graph["mpistyle.engine"] and "mpistyle.models" not in graph["mpistyle.engine"]
+    for name, edges in graph.items():  # the stylize run and the bench reach the inference engine, not the nets
+        if _within(name, "mpistyle.stylize") or _within(name, "mpistyle.bench"):
+            assert "mpistyle.nets" not in edges or name == "mpistyle.bench.measure", name
+
+
 def test_the_check_finds_cycles(tmp_path: Path) -> None:
     """The checker itself: a re-export in a package ``__init__`` that closes a loop is a cycle."""
     pkg = tmp_path / "mpistyle"

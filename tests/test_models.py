@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from mpistyle import models
+from mpistyle import engine, models, nets
+from mpistyle.engine import Stylizer
 from mpistyle.errors import MpistyleError
-from mpistyle.models import Stylizer, TransformerNet, load_model, model_info, resolve_model, save_model
+from mpistyle.models import load_model, model_info, resolve_model, save_model
+from mpistyle.nets import TransformerNet
+
+SAMPLE = Path(__file__).resolve().parents[1] / "mpistyle" / "data" / "sample.mp4"
 
 
 def _net(seed: int = 0) -> TransformerNet:
@@ -68,6 +73,67 @@ def test_stale_running_stats_are_dropped_and_output_matches_plain_forward(tmp_pa
     x = torch.from_numpy(_frames()).permute(0, 3, 1, 2).float()
     with torch.no_grad():
         assert torch.equal(loaded(x), net(x))
+
+
+def test_old_keys_load_strictly_into_the_fused_norm_network():
+    """A pre-0.4 state dict (running stats on every norm) loads with strict=True, without mpistyle's loader."""
+    net = _net()
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    assert {"in1.weight", "in1.bias", "res5.in2.weight", "in5.bias"} <= set(sd)
+    sd["in1.running_mean"] = torch.zeros(32)
+    sd["res3.in2.running_var"] = torch.ones(128)
+    fresh = TransformerNet()
+    fresh.load_state_dict(sd, strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values(), strict=True))
+    # and the other way: the state dict is exactly nn.InstanceNorm2d's
+    ref = nets.use_torch_instance_norm(TransformerNet())
+    ref.load_state_dict(net.state_dict(), strict=True)
+    assert list(ref.state_dict()) == list(net.state_dict())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_instance_norm_matches_torch_in_fp32_with_gradients(channels_last):
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    # an offset bigger than the spread: where E[x^2] - E[x]^2 would lose digits
+    x = (torch.randn(2, 16, 23, 31) * 3 + torch.randn(1, 16, 1, 1) * 30).contiguous(memory_format=fmt)
+    fused, ref = nets.InstanceNorm(16), torch.nn.InstanceNorm2d(16, affine=True)
+    with torch.no_grad():
+        fused.weight.uniform_(0.5, 1.5)
+        fused.bias.uniform_(-1, 1)
+    ref.load_state_dict(fused.state_dict())
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = fused(xa), ref(xb)
+    assert ya.dtype == torch.float32 and ya.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(fused.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-3)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 10 * np.log10(255.0**2 / max(mse, 1e-12))
+
+
+def test_fused_network_in_bf16_is_within_40_db_of_fp32_eager():
+    """The bundled model on a real frame: fused norm, bf16 weights and activations, channels-last."""
+    from mpistyle.io.media import iter_frames
+
+    frame = next(iter(iter_frames(str(SAMPLE), size=(160, 96))))
+    x = torch.from_numpy(frame).permute(2, 0, 1)[None].float()
+    fused = load_model(None)
+    ref = nets.use_torch_instance_norm(load_model(None))
+    with torch.inference_mode():
+        want = ref(x).clamp(0, 255).round()
+        got32 = fused(x).clamp(0, 255).round()
+        net16 = fused.to(memory_format=torch.channels_last).to(torch.bfloat16)
+        got16 = net16(x.bfloat16().contiguous(memory_format=torch.channels_last)).float().clamp(0, 255).round()
+    assert (got32 - want).abs().max() <= 1
+    assert _psnr(got16.numpy(), want.numpy()) >= 40
 
 
 def test_fp16_weights_are_accepted_as_fp32(tmp_path):
@@ -212,16 +278,16 @@ def test_stylizer_matches_plain_forward_and_bf16_is_close():
 
 def test_resolve_precision():
     cpu = torch.device("cpu")
-    assert models.resolve_precision("fp32", cpu) is None
-    assert models.resolve_precision("bf16", cpu) is torch.bfloat16
-    assert models.resolve_precision("fp16", torch.device("cuda")) is torch.float16
-    assert models.resolve_precision("auto", torch.device("cuda")) is torch.float16
-    expected = torch.bfloat16 if models.cpu_supports_bf16() else None
-    assert models.resolve_precision("auto", cpu) is expected
+    assert engine.resolve_precision("fp32", cpu) is None
+    assert engine.resolve_precision("bf16", cpu) is torch.bfloat16
+    assert engine.resolve_precision("fp16", torch.device("cuda")) is torch.float16
+    assert engine.resolve_precision("auto", torch.device("cuda")) is torch.float16
+    expected = torch.bfloat16 if engine.cpu_supports_bf16() else None
+    assert engine.resolve_precision("auto", cpu) is expected
     with pytest.raises(MpistyleError):
-        models.resolve_precision("fp16", cpu)
+        engine.resolve_precision("fp16", cpu)
     with pytest.raises(MpistyleError):
-        models.resolve_precision("int8", cpu)
+        engine.resolve_precision("int8", cpu)
 
 
 def test_cpu_supports_bf16_agrees_with_cpuinfo():
@@ -233,9 +299,9 @@ def test_cpu_supports_bf16_agrees_with_cpuinfo():
                     flags = set(line.split(":", 1)[1].split())
                     break
     if flags:
-        assert models.cpu_supports_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+        assert engine.cpu_supports_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
     else:
-        assert isinstance(models.cpu_supports_bf16(), bool)
+        assert isinstance(engine.cpu_supports_bf16(), bool)
 
 
 def test_submit_gives_the_call_result_and_the_device_tensor():
@@ -254,49 +320,49 @@ def test_submit_gives_the_call_result_and_the_device_tensor():
 
 def test_resolve_batch_explicit_and_cpu():
     for device in ("cpu", torch.device("cpu")):
-        assert models.resolve_batch(3, device, 180, 320) == 3
-        assert models.resolve_batch("5", device, 180, 320) == 5
+        assert engine.resolve_batch(3, device, 180, 320) == 3
+        assert engine.resolve_batch("5", device, 180, 320) == 5
         for auto in ("auto", None, 0):
-            assert models.resolve_batch(auto, device, 180, 320) == models.CPU_AUTO_BATCH
+            assert engine.resolve_batch(auto, device, 180, 320) == engine.CPU_AUTO_BATCH
     # the free-memory figure is only read on CUDA: on CPU a huge one changes nothing
-    assert models.resolve_batch("auto", "cpu", 180, 320, free_bytes=10**15) == models.CPU_AUTO_BATCH
+    assert engine.resolve_batch("auto", "cpu", 180, 320, free_bytes=10**15) == engine.CPU_AUTO_BATCH
     for bad in ("-1", "0.5", "many", -2):
         with pytest.raises(ValueError, match="positive integer or auto"):
-            models.resolve_batch(bad, "cpu", 180, 320)
-    assert models.parse_batch("auto") == "auto" and models.parse_batch("7") == 7
+            engine.resolve_batch(bad, "cpu", 180, 320)
+    assert engine.parse_batch("auto") == "auto" and engine.parse_batch("7") == 7
 
 
 def test_resolve_batch_cuda_arithmetic_with_a_given_free_memory():
     # No CUDA needed: free_bytes stands in for torch.cuda.mem_get_info; the arithmetic is what is tested.
-    per_frame = models.frame_memory_bytes(360, 640, torch.float16)
-    assert per_frame == int(models.AUTO_BATCH_SAFETY * (models.PEAK_ACTIVATION_ELEMENTS_PER_PIXEL * 2
-                                                        + models.IO_BYTES_PER_PIXEL) * 360 * 640)
+    per_frame = engine.frame_memory_bytes(360, 640, torch.float16)
+    assert per_frame == int(engine.AUTO_BATCH_SAFETY * (engine.PEAK_ACTIVATION_ELEMENTS_PER_PIXEL * 2
+                                                        + engine.IO_BYTES_PER_PIXEL) * 360 * 640)
     # 4 frames' worth in the usable fraction of free memory -> 4
-    free = int(4.5 * per_frame / models.AUTO_BATCH_MEMORY_FRACTION)
-    assert models.resolve_batch("auto", "cuda", 360, 640, free_bytes=free) == 4
-    assert models.resolve_batch("auto", "cuda:1", 360, 640, free_bytes=free, ranks_per_device=2) == 2
+    free = int(4.5 * per_frame / engine.AUTO_BATCH_MEMORY_FRACTION)
+    assert engine.resolve_batch("auto", "cuda", 360, 640, free_bytes=free) == 4
+    assert engine.resolve_batch("auto", "cuda:1", 360, 640, free_bytes=free, ranks_per_device=2) == 2
     # fp32 frames cost about twice as much
-    assert models.resolve_batch("auto", "cuda", 360, 640, free_bytes=free, dtype=None) == 2
+    assert engine.resolve_batch("auto", "cuda", 360, 640, free_bytes=free, dtype=None) == 2
     # a big GPU is capped; a full one still gets batch 1; 1280x720 costs 4x a 640x360 frame
-    assert models.resolve_batch("auto", "cuda", 360, 640, free_bytes=80 * 2**30) == models.CUDA_MAX_AUTO_BATCH
-    assert models.resolve_batch(None, "cuda", 360, 640, free_bytes=0) == 1
-    assert models.frame_memory_bytes(720, 1280) == pytest.approx(4 * per_frame, rel=1e-6)
-    assert models.resolve_batch("auto", "cuda", 720, 1280, free_bytes=free * 4) == 4
-    assert models.frame_memory_bytes(181, 321) == models.frame_memory_bytes(184, 324)  # padded to multiples of 4
-    assert models.resolve_batch(6, "cuda", 360, 640, free_bytes=0) == 6  # an explicit batch is kept
+    assert engine.resolve_batch("auto", "cuda", 360, 640, free_bytes=80 * 2**30) == engine.CUDA_MAX_AUTO_BATCH
+    assert engine.resolve_batch(None, "cuda", 360, 640, free_bytes=0) == 1
+    assert engine.frame_memory_bytes(720, 1280) == pytest.approx(4 * per_frame, rel=1e-6)
+    assert engine.resolve_batch("auto", "cuda", 720, 1280, free_bytes=free * 4) == 4
+    assert engine.frame_memory_bytes(181, 321) == engine.frame_memory_bytes(184, 324)  # padded to multiples of 4
+    assert engine.resolve_batch(6, "cuda", 360, 640, free_bytes=0) == 6  # an explicit batch is kept
     with pytest.raises(ValueError, match="ranks_per_device"):
-        models.resolve_batch("auto", "cuda", 360, 640, free_bytes=free, ranks_per_device=0)
+        engine.resolve_batch("auto", "cuda", 360, 640, free_bytes=free, ranks_per_device=0)
 
 
 @pytest.mark.parametrize("h,w", [(72, 128), (360, 640), (180, 320)])
 def test_activation_constant_bounds_the_counted_peak(h, w):
     """The per-pixel constant behind --batch auto, against live tensor bytes counted on the meta device."""
-    for dtype in (torch.float16, torch.float32):
-        peak = models.peak_activation_bytes(h, w, dtype)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        peak = engine.peak_activation_bytes(h, w, dtype)
         per_pixel = peak / (h * w) / (torch.finfo(dtype).bits // 8)
-        assert 150 < per_pixel <= models.PEAK_ACTIVATION_ELEMENTS_PER_PIXEL
-    assert models.peak_activation_bytes(72, 128, torch.float16, batch=2) == pytest.approx(
-        2 * models.peak_activation_bytes(72, 128, torch.float16), rel=0.01)
+        assert 150 < per_pixel <= engine.PEAK_ACTIVATION_ELEMENTS_PER_PIXEL
+    assert engine.peak_activation_bytes(72, 128, torch.float16, batch=2) == pytest.approx(
+        2 * engine.peak_activation_bytes(72, 128, torch.float16), rel=0.01)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU path is tested above)")
@@ -308,7 +374,7 @@ def test_cuda_streams_and_pinned_buffers_give_the_synchronous_result():
     assert np.array_equal(np.concatenate([p.result() for p in pending]), ref)
     dev = sty.submit(frames, to_host=False).tensor()
     assert dev.device.type == "cuda" and np.array_equal(dev.cpu().numpy(), ref)
-    assert models.resolve_batch("auto", "cuda", 360, 640) >= 1
+    assert engine.resolve_batch("auto", "cuda", 360, 640) >= 1
 
 
 def test_stylize_cli_takes_batch_auto():
@@ -320,7 +386,7 @@ def test_stylize_cli_takes_batch_auto():
     add_stylize_arguments(parser)
     assert parser.parse_args(["in.mp4", "-o", "out.mp4", "--batch", "auto"]).batch == 0  # 0: automatic
     assert parser.parse_args(["in.mp4", "-o", "out.mp4", "--batch", "3"]).batch == 3
-    assert models.resolve_batch(0, "cpu", 180, 320) == models.CPU_AUTO_BATCH
+    assert engine.resolve_batch(0, "cpu", 180, 320) == engine.CPU_AUTO_BATCH
     with pytest.raises(SystemExit):
         parser.parse_args(["in.mp4", "-o", "out.mp4", "--batch", "0"])
 
@@ -342,7 +408,7 @@ def test_identity_model_file_round_trip(tmp_path):
 def test_identity_model_loads_through_load_model(tmp_path):
     path = models.write_identity_model(str(tmp_path / "identity.pth"))
     net = load_model(path)
-    assert isinstance(net, models.PointwiseNet) and not net.training
+    assert isinstance(net, nets.PointwiseNet) and not net.training
     assert all(p.dtype == torch.float32 for p in net.parameters())
     # The TransformerNet path is unchanged next to it.
     plain = tmp_path / "plain.pth"

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from mpistyle.errors import MpistyleError
-from mpistyle.models import TransformerNet, model_info
+from mpistyle.models import model_info
+from mpistyle.nets import TransformerNet
 from mpistyle.training.content import build_crop_pool, crops_from_pool, pool_side
 from mpistyle.training.train import (
     Comm,

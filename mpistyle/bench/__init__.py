@@ -3,7 +3,7 @@
 What it measures, on one clip (cut to ``--frames`` first when asked):
 
 1. **forward**: the pure network, in this process: the model loaded as ``stylize`` loads it, the
-   same :class:`~mpistyle.models.Stylizer` at the same precision, torch limited to
+   same :class:`~mpistyle.engine.Stylizer` at the same precision, torch limited to
    ``--threads-per-rank`` threads, two warm-up calls, then the decoded frames one per call
    (decoding is not timed). Also the reduced-precision output (bf16 on CPU, fp16 on CUDA) against
    fp32 on real frames: max abs difference and PSNR.

@@ -26,9 +26,10 @@ def measure_forward(video: str, model_path: str, device: str, precision: str, th
     """
     import torch
 
+    from ..engine import Stylizer, resolve_precision
     from ..io.media import iter_frames
     from ..metrics import psnr
-    from ..models import Stylizer, load_model, resolve_precision
+    from ..models import load_model
     from ..mpi import configure_threads, select_device
 
     configure_threads(threads)
@@ -109,7 +110,7 @@ def _compare_precision(model: Any, dev: Any, dtype: Any, frames: np.ndarray, psn
     """Reduced-precision output against fp32 on real frames (and each one's time per frame there)."""
     import torch
 
-    from ..models import Stylizer
+    from ..engine import Stylizer
 
     reduced = dtype if dtype is not None else (torch.float16 if dev.type == "cuda" else torch.bfloat16)
     name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[reduced]

@@ -27,7 +27,8 @@ class StylizeOptions:
     scale: float | None = None
     device: str = "auto"
     precision: str = "auto"
-    batch: int = 0  # 0: auto (models.resolve_batch: from free GPU memory; 1 on CPU)
+    batch: int = 0  # 0: auto (engine.resolve_batch: from free GPU memory; 1 on CPU)
+    compile: str = "auto"  # auto | on | off: the network compiled once per job (mpistyle.compiled)
     buffer: str | None = None
     buffer_layout: str = "auto"  # auto | parts | mpio (see buffer.py)
     restart: bool = False

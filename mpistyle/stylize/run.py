@@ -16,7 +16,7 @@ from .gather import Sink
 from .options import Setup, StylizeOptions, chunk_list
 from .scatter import Decoder, LocalDecoder, Receiver, Scheduler, SourceSpool
 from .segments import SegmentWriter, prepare_segment_dir, segment_dir, segment_threads, uses_segments
-from .setup import Validated, collective, open_buffer_on_root, read_state_frames, validate_on_root
+from .setup import Validated, choose_network, collective, open_buffer_on_root, read_state_frames, validate_on_root
 from .shutdown import shutdown
 from .store import FrameStore
 from .worker import RankWorker
@@ -51,7 +51,8 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     def load() -> Any:
         import torch
 
-        from ..models import Stylizer, load_model, resolve_precision
+        from ..engine import Stylizer, resolve_precision
+        from ..models import load_model
 
         device = select_device(opts.device, local_rank)
         model = load_model(checked.model_path, device)
@@ -63,13 +64,24 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
         return stylizer, device, dtype, batch
 
     stylizer, device, dtype, batch = collective(comm, load, root_only=False)
+    # The numeric path, the same on every rank: compiled once per job (rank 0 compiles or reads the cache
+    # while the others wait idle; mpistyle.compiled), or the eager recipe.
+    network, network_why = collective(comm, lambda: choose_network(opts, checked, stylizer, batch, size, threads))
+    compile_info: dict[str, Any] = {}
+    if network.startswith("compiled/"):
+        from ..compiled import start_compile
+
+        compile_info = start_compile(comm, stylizer, (batch, checked.height, checked.width, 3)).finish(comm)
+        if not compile_info["compiled"]:  # every rank agrees (finish): the job runs eagerly
+            network_why += f"; compilation failed: {compile_info.get('error')}"
+            network = stylizer.network
     precision_name = str(dtype).replace("torch.", "") if dtype is not None else "float32"
     device_type = device.split(":")[0]
     segmented = uses_segments(opts.output, size, opts.encode)  # validated on rank 0 above
     seg_threads = segment_threads(device_type)
 
     def open_on_root() -> Setup:
-        opened = open_buffer_on_root(opts, checked, precision_name, device_type, n_ranks=size)
+        opened = open_buffer_on_root(opts, checked, precision_name, device_type, n_ranks=size, network=network)
         if segmented:  # before any rank can write a segment; a resume keeps the blocks already encoded
             prepare_segment_dir(segment_dir(opts.output), resume=bool(opened.done.any()),
                                 params={"buffer": settings_digest(opened.settings), "crf": opts.crf,
@@ -91,8 +103,9 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     logger.debug("rank %d/%d (local %d/%d): device %s, %d threads, partition %s, %d runs, %d to do",
                  rank, size, local_rank, local_size, device, threads, rp.bounds, len(rp.runs), len(rp.todo))
     if rank == 0:
-        logger.info("stylizing %d frames (%d to do) at %dx%d on %d rank(s), %d thread(s) each, device %s, %s",
-                    setup.n_frames, plan.n_todo, setup.width, setup.height, size, threads, device, precision_name)
+        logger.info("stylizing %d frames (%d to do) at %dx%d on %d rank(s), %d thread(s) each, device %s, %s "
+                    "(network %s: %s)", setup.n_frames, plan.n_todo, setup.width, setup.height, size, threads,
+                    device, precision_name, network, network_why)
 
     opened: list[Any] = []  # rank 0's FrameBuffer
 
@@ -181,5 +194,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
                            threads, device, precision_name, (t_start, t_work), segmented, parallel)
     finally:
         spool.close()
+    if report:  # rank 0
+        report["network"] = {"path": network, "why": network_why, **compile_info}
     logger.debug("rank %d: work ended: %s", rank, outcome)
     return report

@@ -73,8 +73,43 @@ def validate_on_root(opts: StylizeOptions) -> Validated:
     return Validated(info=info, width=width, height=height, model_path=resolve_model(opts.model))
 
 
+def choose_network(opts: StylizeOptions, checked: Validated, stylizer: Any, batch: int, n_ranks: int,
+                   threads: int) -> tuple[str, str]:
+    """Rank 0: the numeric path this job takes on every rank (``compiled/...`` or the eager recipe) and why.
+
+    A resumed buffer keeps the path it was made with under ``--compile auto`` (frames must match bit for
+    bit); an explicit ``--compile on|off`` that differs from it is a settings mismatch, as for any setting.
+    """
+    from ..compiled import cached, decide
+
+    stored = None
+    buffer_path = opts.buffer or default_buffer_path(opts.output)
+    if not opts.restart and os.path.isfile(buffer_path):
+        name = stored_network(buffer_path)
+        stored = None if name is None else name.startswith("compiled/")
+    shape = (batch, checked.height, checked.width, 3)
+    is_cached = opts.compile == "auto" and stylizer.device.type == "cpu" and cached(stylizer, shape)
+    on, why = decide(opts.compile, stylizer.device, checked.info.n_frames / max(1, n_ranks), checked.height,
+                     checked.width, threads, cached=is_cached, stored=stored)
+    return ("compiled/" if on else "") + stylizer.recipe.describe(), why
+
+
+def stored_network(buffer_path: str) -> str | None:
+    """The network path an existing buffer was made with (None: unreadable or from an older version)."""
+    import json
+
+    import h5py
+
+    try:
+        with h5py.File(buffer_path, "r", locking=False) as f:
+            value = json.loads(f.attrs.get("settings", "{}")).get("network")
+    except (OSError, ValueError, TypeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 def open_buffer_on_root(opts: StylizeOptions, checked: Validated, precision_name: str, device_type: str,
-                        n_ranks: int = 1) -> Setup:
+                        n_ranks: int = 1, network: str | None = None) -> Setup:
     from ..buffer import FrameBuffer, check_free_space, resolve_layout
 
     info, width, height, model_path = checked.info, checked.width, checked.height, checked.model_path
@@ -91,6 +126,7 @@ def open_buffer_on_root(opts: StylizeOptions, checked: Validated, precision_name
         "flow": f"{t.flow_method}/{t.flow_preset}" if t.mode != "none" else None,
         "halo": opts.halo if t.mode != "none" else None,
         "precision": precision_name,
+        "network": network,  # the numeric path (compiled or eager recipe): a resume must take the same
         "device_type": device_type,
         "mpistyle": __version__,
     }

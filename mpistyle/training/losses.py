@@ -297,7 +297,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mpistyle import models
+    from mpistyle import engine, models, nets
 
     style = load_image(args.style)
     src = args.frame_source
@@ -314,19 +314,19 @@ def main(args: argparse.Namespace) -> int:
         ("source frames", style_content_losses(frames, style, frames))
     ]
     torch.manual_seed(args.seed)
-    untrained = models.TransformerNet().eval()
+    untrained = nets.TransformerNet().eval()
     rows.append(
         (
             f"untrained TransformerNet (seed {args.seed})",
             style_content_losses(
-                models.Stylizer(untrained, torch.device("cpu"), "fp32")(frames), style, frames
+                engine.Stylizer(untrained, torch.device("cpu"), "fp32")(frames), style, frames
             ),
         )
     )
     specs = args.model or sorted(models.bundled_models())
     for spec in specs:
         net = models.load_model(spec)
-        out = models.Stylizer(net, torch.device("cpu"), "fp32")(frames)
+        out = engine.Stylizer(net, torch.device("cpu"), "fp32")(frames)
         rows.append((spec, style_content_losses(out, style, frames)))
     width = max(len(r[0]) for r in rows)
     print(f"style: {args.style}  frames: {len(frames)} of {src} at {frames.shape[2]}x{frames.shape[1]}")

@@ -30,7 +30,8 @@ import torch
 
 from mpistyle import __version__
 from mpistyle.errors import Interrupted, MpistyleError
-from mpistyle.models import TransformerNet, atomic_write, save_model
+from mpistyle.models import atomic_write, save_model
+from mpistyle.nets import TransformerNet
 from mpistyle.training.content import (
     PairPool,
     build_crop_pool,
