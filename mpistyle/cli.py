@@ -314,6 +314,12 @@ STOPPABLE_COMMANDS = frozenset({"stylize", "train"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before torch loads its OpenMP runtime: idle OpenMP threads sleep instead of spinning. A rank runs
+    # the flow pool, store and encoder threads beside the network, and often shares its cores with other
+    # jobs; spinning threads then starve each other (measured here: the network 9-11x slower with 2
+    # threads on a busy 2-core machine, spinning; passive: within 25 % of 1 thread). A user's own
+    # setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # First, before torch/mpi4py/cv2 are imported (seconds): a stop signal from here on is recorded
     # and makes the run stop at once with exit 75, instead of killing a half-started rank.
     from .mpi import install_stop_handlers, pause_point, restore_default_signals
