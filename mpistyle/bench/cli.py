@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import tempfile
 from typing import Any
 
@@ -90,6 +91,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="end-to-end frames/s of one GPU rank, for how many GPU ranks fit under rank 0's "
                              f"measured ceiling (default {GPU_RANK_FPS:.0f})")
     parser.add_argument("--mpiexec", default=None, help="MPI launcher (default: the environment's mpiexec)")
+    parser.add_argument("--launcher-args", type=shlex.split, default=[], metavar="ARGS",
+                        help="more launcher options for the pipeline runs, e.g. --launcher-args='-bind-to core' "
+                             "(MPICH): every rank, with its flow, encoder and decoder threads, on a core of its own, "
+                             "as on a cluster node; unbound, one rank's helper threads use the idle cores")
     g = parser.add_argument_group(
         "pipeline ceiling (--ceiling)",
         "Real stylize runs with an identity 1x1 network, so the pipeline's own cost shows: frames/s, rank 0's "
@@ -208,7 +213,7 @@ def main(args: argparse.Namespace) -> int:
         def pipelines(_: int) -> None:  # one round of pipeline runs after each forward pass
             for n, mode in jobs:
                 run = run_pipeline(mpiexec, n, clip, model_path, threads, args.precision, args.device, tmp,
-                                   extra=("--encode", mode))
+                                   extra=("--encode", mode), launcher_args=args.launcher_args)
                 run["encode"] = mode
                 key = str(n) if primary[n] == mode else f"{n}-{mode}"
                 repeats.setdefault(key, []).append(
@@ -251,6 +256,7 @@ def main(args: argparse.Namespace) -> int:
             "device": args.device,
             "precision": forward["precision"],
             "threads_per_rank": threads,
+            "launcher_args": args.launcher_args,
             "host": {"cpus": cpus, "load_start": load_start, "load_end": load_average()},
             "forward": forward,
             "flow": flow,

@@ -21,13 +21,14 @@ from .common import ENCODE_MODES, MAIN_PHASES, load_average
 logger = logging.getLogger(__name__)
 
 def run_pipeline(mpiexec: str, ranks: int, clip: str, model_path: str, threads: int, precision: str,
-                 device: str, directory: str, extra: Sequence[str] = ()) -> dict[str, Any]:
-    """One ``mpiexec -n ranks ... stylize`` run; returns its report plus the launcher's clock."""
+                 device: str, directory: str, extra: Sequence[str] = (),
+                 launcher_args: Sequence[str] = ()) -> dict[str, Any]:
+    """One ``mpiexec -n ranks [launcher_args] ... stylize`` run; returns its report plus the launcher's clock."""
     tag = f"n{ranks}-{time.monotonic_ns()}"
     out = os.path.join(directory, f"out-{tag}.mp4")
     report_path = os.path.join(directory, f"report-{tag}.json")
-    cmd = [mpiexec, "-n", str(ranks), sys.executable, "-m", "mpistyle", "-q", "stylize", clip, "-o", out,
-           "--model", model_path, "--threads", str(threads), "--precision", precision, "--device", device,
+    cmd = [mpiexec, "-n", str(ranks), *launcher_args, sys.executable, "-m", "mpistyle", "-q", "stylize", clip,
+           "-o", out, "--model", model_path, "--threads", str(threads), "--precision", precision, "--device", device,
            "--report", report_path, "--no-progress", *extra]
     logger.info("running %s", " ".join(cmd))
     load_before = load_average()
