@@ -34,7 +34,8 @@ def bench_result(tmp_path_factory, model_args) -> tuple[dict, str]:
     out = tmp / "bench.json"
     # --encode both (the default): the 2-rank pipeline runs with segments and again with rank0.
     proc = run_mpistyle(["bench", str(BBB), "--ranks", "1,2", "--frames", "6", "--compare-frames", "2",
-                         "--repeat", "2", "--json", str(out), *model_args], timeout=900, check=True)
+                         "--repeat", "2", "--json", str(out), "--launcher-args=-bind-to core", *model_args],
+                        timeout=900, check=True)
     return json.loads(out.read_text()), proc.stdout
 
 
@@ -43,6 +44,7 @@ def test_bench_measures_what_it_says(bench_result) -> None:
     assert result["frames"] == 6 and result["clip_cut_to"] == 6
     assert (result["width"], result["height"]) == (128, 72)
     assert result["threads_per_rank"] == 1
+    assert result["launcher_args"] == ["-bind-to", "core"]  # each rank on a core of its own
     fwd = result["forward"]
     assert fwd["frames"] == 6 and _finite_positive(fwd["per_frame_s"])
     assert fwd["min_s"] <= fwd["median_s"] <= fwd["max_s"]
