@@ -242,6 +242,52 @@ def check_runner(run: Any, stylizer: Stylizer, probe: torch.Tensor) -> float:
     return psnr_db(got, want)
 
 
+def obtain_package(stylizer: Stylizer, shape: tuple[int, ...], key: dict[str, Any] | None = None,
+                   path: str | None = None) -> tuple[bytes | None, dict[str, Any]]:
+    """A checked package for ``stylizer`` at ``shape``: from the cache, else compiled (and kept there).
+
+    Returns (bytes or None when neither works, info: cache hit/miss/bad, compile_s, check_psnr_db, error).
+    """
+    start = time.perf_counter()
+    key = key or artifact_key(stylizer, shape)
+    path = path or os.path.join(cache_dir(), f"{key_digest(key)}.pt2")
+    probe = probe_frames(shape)
+    info: dict[str, Any] = {}
+    data = read_cached(path)
+    if data is not None:
+        try:
+            db = check_runner(load_package(data, stylizer.device), stylizer, probe)
+            if db < CHECK_PSNR_DB:
+                raise RuntimeError(f"its output is {db:.1f} dB from the eager network's")
+            info.update(cache="hit", check_psnr_db=db)
+        except Exception as exc:  # noqa: BLE001 - a bad cache is ignored, never fatal
+            logger.warning("ignoring the compiled-network cache %s (%s): compiling again", path, _first_line(exc))
+            data = None
+            info["cache"] = "bad"
+    if data is None:
+        info.setdefault("cache", "miss")
+        try:
+            t = time.perf_counter()
+            data = compile_package(stylizer.framenet, probe.to(stylizer.device))
+            info["compile_s"] = time.perf_counter() - t
+            db = check_runner(load_package(data, stylizer.device), stylizer, probe)
+            info["check_psnr_db"] = db
+            if db < CHECK_PSNR_DB:
+                raise RuntimeError(f"the compiled network's output is {db:.1f} dB from the eager network's")
+            write_cached(path, data, key)
+        except Exception as exc:  # noqa: BLE001 - the job goes on eagerly, on every rank
+            logger.debug("compilation failed", exc_info=True)
+            info["error"] = _first_line(exc, 300)
+            data = None
+    info["root_s"] = time.perf_counter() - start
+    return data, info
+
+
+def _first_line(exc: BaseException, n: int = 200) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:n] if text else type(exc).__name__
+
+
 @dataclass
 class CompileJob:
     """Rank 0's compilation (or cache read) in a background thread; every rank's result after :meth:`finish`."""
@@ -262,40 +308,8 @@ class CompileJob:
         return self
 
     def _root_work(self) -> None:
-        """Rank 0: a valid cached package, else compile one (and keep it); ``data`` None if neither works."""
-        start = time.perf_counter()
-        probe = probe_frames(self.shape)
-        info = self.info
-        data = read_cached(self.path)
-        if data is not None:
-            try:
-                db = check_runner(load_package(data, self.stylizer.device), self.stylizer, probe)
-                if db < CHECK_PSNR_DB:
-                    raise RuntimeError(f"its output is {db:.1f} dB from the eager network's")
-                info.update(cache="hit", check_psnr_db=db)
-            except Exception as exc:  # noqa: BLE001 - a bad cache is ignored, never fatal
-                logger.warning("ignoring the compiled-network cache %s (%s): compiling again", self.path,
-                               str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
-                data = None
-                info["cache"] = "bad"
-        if data is None:
-            info.setdefault("cache", "miss")
-            try:
-                t = time.perf_counter()
-                with torch.no_grad():
-                    data = compile_package(self.stylizer.framenet, probe.to(self.stylizer.device))
-                info["compile_s"] = time.perf_counter() - t
-                db = check_runner(load_package(data, self.stylizer.device), self.stylizer, probe)
-                info["check_psnr_db"] = db
-                if db < CHECK_PSNR_DB:
-                    raise RuntimeError(f"the compiled network's output is {db:.1f} dB from the eager network's")
-                write_cached(self.path, data, self.key)
-            except Exception as exc:  # noqa: BLE001 - the job goes on eagerly, on every rank
-                logger.debug("compilation failed", exc_info=True)
-                info["error"] = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-                data = None
-        info["root_s"] = time.perf_counter() - start
-        self.data = data
+        self.data, info = obtain_package(self.stylizer, self.shape, self.key, self.path)
+        self.info.update(info)
 
     def finish(self, comm: Any) -> dict[str, Any]:
         """Collective: rank 0's package to every rank; all load it, or all stay eager. Returns the info."""
@@ -309,7 +323,7 @@ class CompileJob:
             try:
                 runner = load_package(data, self.stylizer.device)
             except Exception as exc:  # noqa: BLE001 - agreed on below
-                error = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                error = _first_line(exc)
         failed = [e for e in comm.allgather(error) if e is not None]
         info = dict(info)
         if data is not None and not failed:
