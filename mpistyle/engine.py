@@ -392,9 +392,9 @@ class Stylizer:
         n = frames.shape[0]
         if n == 0:
             return frames.clone()
-        if frames.dtype != torch.uint8:  # the network's input is RGB 0..255: float frames are rounded
-            frames = frames.float().clamp(0, 255).round().to(torch.uint8)
         shape = self.compiled_shape
+        if frames.dtype != torch.uint8:  # float RGB 0..255 (not from a video): the eager network takes it
+            return self.framenet(frames)
         if self.compiled is None or shape is None or tuple(frames.shape[1:]) != shape[1:]:
             if self.compiled is not None:
                 raise ValueError(f"the compiled network takes {shape[2]}x{shape[1]} frames, got "
