@@ -148,9 +148,9 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crf", type=int, default=18, help="x264 quality (lower = better, default 18)")
     g.add_argument("--encode", choices=("auto", "rank0", "segments"), default="auto",
                    help="segments: every rank encodes its own frames and rank 0 joins them; rank0: one encoder on "
-                        "rank 0, in frame order; both give the same bytes for any rank count (segments: "
-                        "cut every 64 frames). auto (default): segments for H.264 outputs on more than one "
-                        "rank, else rank0")
+                        "rank 0, in frame order; each gives the same bytes for any rank count (segments: "
+                        "cut every 64 frames). auto (default): segments for H.264 outputs, so 1 rank and N ranks "
+                        "give the same file; rank0 for PNG and WebM outputs")
     g.add_argument("--report", default=None, help="write a JSON report (timings per rank, frames/s) here")
     g.add_argument("--metrics", action="store_true",
                    help="after encoding, measure the warping error (overall, at partition boundaries, interior) "
@@ -314,6 +314,12 @@ STOPPABLE_COMMANDS = frozenset({"stylize", "train"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before torch loads its OpenMP runtime: idle OpenMP threads sleep instead of spinning. A rank runs
+    # the flow pool, store and encoder threads beside the network, and often shares its cores with other
+    # jobs; spinning threads then starve each other (measured here: the network 9-11x slower with 2
+    # threads on a busy 2-core machine, spinning; passive: within 25 % of 1 thread). A user's own
+    # setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # First, before torch/mpi4py/cv2 are imported (seconds): a stop signal from here on is recorded
     # and makes the run stop at once with exit 75, instead of killing a half-started rank.
     from .mpi import install_stop_handlers, pause_point, restore_default_signals

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import tempfile
 from typing import Any
 
@@ -78,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cut the clip to its first N frames first (default: the whole clip); --ceiling: "
                              f"frames of every test clip (default {ceiling.FRAMES_SMALL} up to 720p, "
                              f"{ceiling.FRAMES_LARGE} above)")
+    parser.add_argument("--forward-frames", type=positive_int, default=None, metavar="K",
+                        help="time the bare forward pass on the first K frames only (default: every frame of the "
+                             "clip; a long clip's pipeline runs need not wait for as many bare passes)")
     parser.add_argument("-m", "--model", default=None,
                         help="bundled model name or .pth file (default: the bundled default)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
@@ -107,6 +111,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="end-to-end frames/s of one GPU rank, for how many GPU ranks fit under rank 0's "
                              f"measured ceiling (default {GPU_RANK_FPS:.0f})")
     parser.add_argument("--mpiexec", default=None, help="MPI launcher (default: the environment's mpiexec)")
+    parser.add_argument("--launcher-args", type=shlex.split, default=[], metavar="ARGS",
+                        help="more launcher options for the pipeline runs, e.g. --launcher-args='-bind-to core' "
+                             "(MPICH): every rank, with its flow, encoder and decoder threads, on a core of its own, "
+                             "as on a cluster node; unbound, one rank's helper threads use the idle cores")
     g = parser.add_argument_group(
         "network paths",
         "The network alone, per frame, on CPU: eager (torch's instance norm under autocast: mpistyle 0.3), fused "
@@ -139,8 +147,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="--ceiling: also run every job on a clip K times longer and report rank 0's marginal CPU "
                         "per frame between the two (what a long video costs per frame, without fixed costs); "
                         "the ratios and the scaling model then use it")
-    g.add_argument("--ceiling-temporal", choices=("none", "flow"), default="none",
-                   help="stylize --temporal in the ceiling runs (default none: no flow, no fusion)")
+    g.add_argument("--ceiling-temporal", choices=("none", "flow"), default="flow",
+                   help="stylize --temporal in the ceiling runs (default flow, stylize's default: warm-ups and "
+                        "their flow and fusion on the critical path; none: no flow, no fusion)")
     g.add_argument("--baseline", default=None, metavar="SRC",
                    help="also run the source tree SRC (its root, holding mpistyle/), first on PYTHONPATH")
     g.add_argument("--baseline-ref", default=None, metavar="REF",
@@ -245,7 +254,8 @@ def main(args: argparse.Namespace) -> int:
         def pipelines(_: int) -> None:  # one round of pipeline runs after each forward pass
             for n, mode in jobs:
                 run = run_pipeline(mpiexec, n, clip, model_path, threads, args.precision, args.device, tmp,
-                                   extra=("--encode", mode, "--compile", args.compile))
+                                   extra=("--encode", mode, "--compile", args.compile),
+                                   launcher_args=args.launcher_args)
                 run["encode"] = mode
                 key = str(n) if primary[n] == mode else f"{n}-{mode}"
                 repeats.setdefault(key, []).append(
@@ -260,7 +270,8 @@ def main(args: argparse.Namespace) -> int:
                     remove_quietly(run["output"])
 
         logger.info("forward pass: %d frames at %dx%d", info.n_frames, info.width, info.height)
-        forward = measure_forward(clip, model_path, args.device, args.precision, threads, info.n_frames,
+        forward_frames = min(info.n_frames, args.forward_frames or info.n_frames)
+        forward = measure_forward(clip, model_path, args.device, args.precision, threads, forward_frames,
                                   repeat=args.repeat, compare_frames=args.compare_frames,
                                   after_pass=pipelines, compile=args.compile)
         logger.info("flow alone: %d pairs at 1 thread and at %d threads", args.flow_pairs, cpus)
@@ -288,6 +299,7 @@ def main(args: argparse.Namespace) -> int:
             "device": args.device,
             "precision": forward["precision"],
             "threads_per_rank": threads,
+            "launcher_args": args.launcher_args,
             "host": {"cpus": cpus, "load_start": load_start, "load_end": load_average()},
             "forward": forward,
             "flow": flow,

@@ -56,11 +56,12 @@ def format_report(result: dict[str, Any]) -> str:
              fmt(r["setup_s"], ".1f"), fmt(r["work_s"], ".1f"), fmt(r["s_per_frame_process"], ".4f"),
              fmt(r["s_per_frame_wall"], ".4f"), fmt(r["s_per_frame_work"], ".4f"),
              fmt(r["speedup"], ".2f") + "x", fmt(r["efficiency"], ".2f"),
-             fmt(r["speedup_wall"], ".2f") + "x", fmt(r["cpu_s"], ".1f"),
+             fmt(r["speedup_wall"], ".2f") + "x", fmt(r["speedup_process"], ".2f") + "x",
+             fmt(r["wait_halo_max_fraction"] * 100, ".1f") + "%", fmt(r["cpu_s"], ".1f"),
              f"{r['load_before']}/{r['load_after']}"]
             for r in summ["runs"]]
     lines += table(["ranks", "process_s", "wall_s", "setup_s", "work_s", "s/f proc", "s/f wall", "s/f work",
-                     "speedup", "eff", "speedup(wall)", "cpu_s", "load"], rows)
+                     "speedup", "eff", "speedup(wall)", "speedup(proc)", "wait_halo max", "cpu_s", "load"], rows)
     lines += ["", f"pipeline/forward at 1 rank: {summ['ratio']:.3f} (work_s), {summ['ratio_wall']:.3f} "
                   f"(wall_s), {summ['ratio_process']:.3f} (process); work_s / network time in the same run: "
                   f"{fmt(summ['ratio_in_run'])}"]

@@ -42,7 +42,7 @@ def measure_forward(video: str, model_path: str, device: str, precision: str, th
     model = load_model(model_path, dev)
     stylizer = Stylizer(model, device=dev, precision=precision)
     if compile != "off":
-        _use_compiled_if(stylizer, compile, video, frames, threads)
+        _use_compiled_if(stylizer, compile, video, threads)
     # mpistyle 0.3's path (torch's instance norm under autocast), timed frame by frame beside it
     baseline = Stylizer(model, device=dev, precision=precision, network="torch")
     dtype = resolve_precision(precision, dev)
@@ -122,14 +122,14 @@ def measure_forward(video: str, model_path: str, device: str, precision: str, th
     return result
 
 
-def _use_compiled_if(stylizer: Any, option: str, video: str, frames: int, threads: int) -> None:
+def _use_compiled_if(stylizer: Any, option: str, video: str, threads: int) -> None:
     """Give ``stylizer`` the compiled package where a 1-rank ``stylize --compile option`` would use it."""
     from ..compiled import cached, decide, is_transformer, load_package, obtain_package
     from ..io.media import probe
 
     info = probe(video)
     shape = (1, info.height, info.width, 3)
-    on, why = decide(option, stylizer.device, min(frames, info.n_frames), info.height, info.width, threads,
+    on, why = decide(option, stylizer.device, info.n_frames, info.height, info.width, threads,
                      cached=option == "auto" and cached(stylizer, shape), transformer=is_transformer(stylizer))
     if on:
         data, _ = obtain_package(stylizer, shape)

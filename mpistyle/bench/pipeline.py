@@ -15,18 +15,20 @@ from typing import Any
 import numpy as np
 
 from ..errors import MpistyleError
+from ..partition import DEFAULT_ANCHOR_EVERY
 from .common import ENCODE_MODES, MAIN_PHASES, load_average
 
 logger = logging.getLogger(__name__)
 
 def run_pipeline(mpiexec: str, ranks: int, clip: str, model_path: str, threads: int, precision: str,
-                 device: str, directory: str, extra: Sequence[str] = ()) -> dict[str, Any]:
-    """One ``mpiexec -n ranks ... stylize`` run; returns its report plus the launcher's clock."""
+                 device: str, directory: str, extra: Sequence[str] = (),
+                 launcher_args: Sequence[str] = ()) -> dict[str, Any]:
+    """One ``mpiexec -n ranks [launcher_args] ... stylize`` run; returns its report plus the launcher's clock."""
     tag = f"n{ranks}-{time.monotonic_ns()}"
     out = os.path.join(directory, f"out-{tag}.mp4")
     report_path = os.path.join(directory, f"report-{tag}.json")
-    cmd = [mpiexec, "-n", str(ranks), sys.executable, "-m", "mpistyle", "-q", "stylize", clip, "-o", out,
-           "--model", model_path, "--threads", str(threads), "--precision", precision, "--device", device,
+    cmd = [mpiexec, "-n", str(ranks), *launcher_args, sys.executable, "-m", "mpistyle", "-q", "stylize", clip,
+           "-o", out, "--model", model_path, "--threads", str(threads), "--precision", precision, "--device", device,
            "--report", report_path, "--no-progress", *extra]
     logger.info("running %s", " ".join(cmd))
     load_before = load_average()
@@ -85,6 +87,8 @@ def summarize(forward: dict[str, Any], runs: dict[int, dict[str, Any]]) -> dict[
         speedup, speedup_wall = t1_work / work, t1_wall / wall
         phases = _phase_sums(rep)
         network = [p["times_s"].get("network", 0.0) for p in phases]
+        # issue 20: the share of its work time a rank's main thread waited for warm-up frames
+        halo_waits = [p["times_s"].get("wait_halo", 0.0) / work for p in phases]
         rows.append({
             "ranks": n,
             "frames": frames,
@@ -101,6 +105,8 @@ def summarize(forward: dict[str, Any], runs: dict[int, dict[str, Any]]) -> dict[
             "efficiency": speedup / n,
             "speedup_wall": speedup_wall,
             "efficiency_wall": speedup_wall / n,
+            "speedup_process": runs[1]["process_s"] / run["process_s"],  # the whole process, launch included
+            "wait_halo_max_fraction": max(halo_waits, default=0.0),
             "network_fraction": float(np.mean(network)) / work if network else None,
             "load_before": run.get("load_before"),
             "load_after": run.get("load_after"),
@@ -168,6 +174,8 @@ def measured_costs(summary: dict[str, Any], runs: dict[int, dict[str, Any]]) -> 
         "root_cpu_s": max(root_cpu, 0.0),
         "startup_s": startup,  # launch + imports + setup
         "halo": int(one.get("halo") or 0),
+        # temporal fusion on: warm-ups reach back to the chain start (see scaling.network_schedule)
+        "every": DEFAULT_ANCHOR_EVERY if (one.get("temporal") or {}).get("mode", "flow") != "none" else 0,
         "halo_wait_s": halo_wait,
     }
 
@@ -201,14 +209,14 @@ def rank0_cost(report: dict[str, Any], mode: str) -> dict[str, Any]:
 def encode_jobs(ranks: Sequence[int], encode: str) -> list[tuple[int, str]]:
     """(rank count, --encode mode) of one pipeline round; a rank count's first job is its primary run.
 
-    Primary runs are what the speed-up and targets use: stylize's default (auto: rank0 on 1 rank,
-    segments on more) unless one mode is forced. ``both`` adds a rank0 run for each multi-rank count.
+    Primary runs are what the speed-up and targets use: stylize's default (auto: segments for any rank
+    count) unless one mode is forced. ``both`` adds a rank0 run for each multi-rank count.
     """
     if encode in ENCODE_MODES:
         return [(n, encode) for n in ranks]
     jobs = []
     for n in ranks:
-        jobs.append((n, "rank0" if n == 1 else "segments"))
+        jobs.append((n, "segments"))
         if encode == "both" and n > 1:
             jobs.append((n, "rank0"))
     return jobs

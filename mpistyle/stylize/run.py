@@ -127,7 +127,10 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
 
         parallel = collective(comm, lambda: open_parallel(setup.buffer_path, comm), root_only=False)
     shape = (setup.height, setup.width, 3)
-    spool = SourceSpool(rp.source_frames(), shape, opts.scratch, msgr.interrupted)
+    # A rank that decodes its own frames reads its exports first (the network stylizes them first);
+    # rank 0's decoder sends every rank its frames in video order.
+    source_order = rp.source_order() if local_decode else rp.source_frames()
+    spool = SourceSpool(source_order, shape, opts.scratch, msgr.interrupted)
     threads_started: list[threading.Thread] = []
     receiver = decoder = sink = store = None
     buffer = encoder = scheduler = None
@@ -152,7 +155,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
                 scheduler = sink.scheduler = Scheduler(plan, buffer)
             threads_started.append(sink)
         if local_decode:  # every rank reads its own frames (a frame-exact seek); nothing is scattered
-            decoder = LocalDecoder(opts.input, (setup.width, setup.height), rp.source_frames(), spool, msgr,
+            decoder = LocalDecoder(opts.input, (setup.width, setup.height), source_order, spool, msgr,
                                    info=checked.info)
             threads_started.append(decoder)
         elif rank == 0:
