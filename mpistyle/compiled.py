@@ -39,6 +39,7 @@ import torch
 from mpistyle import __version__
 from mpistyle.engine import FrameNet, Stylizer, cpu_supports_bf16
 from mpistyle.errors import MpistyleError
+from mpistyle.nets import TransformerNet
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +50,15 @@ FORMAT = 1  # bump when the package's contents or key change meaning
 # compiled differ in the last bits only: about 55 dB on the bundled models).
 CHECK_PSNR_DB = 35.0
 
-# Measured on the 2-core development machine (Xeon with AMX-BF16), one thread, bf16 (README "The
-# network's speed"): what compiling costs and what it saves per frame, for --compile auto.
-COMPILE_COLD_S = 50.0  # export + AOTInductor compilation, 640x272 (roughly independent of the size)
-COMPILE_WARM_S = 1.5  # a cached package: read, broadcast, load, check
-SAVING_S_PER_MPIXEL = 0.10  # eager fused bf16 minus compiled, per frame per megapixel, one thread
+# Measured on the 2-core development machine (Xeon with AMX-BF16), bf16, `mpistyle bench --networks`
+# (README "The network 3x faster on CPUs"): what compiling costs and what it saves per frame, for
+# --compile auto. Compilation: 11-29 s (export + AOTInductor), about the same at any frame size.
+COMPILE_COLD_S = 25.0
+COMPILE_WARM_S = 1.5  # a cached package: read, broadcast, load, check against the eager network
+# Fused eager minus compiled, one thread: 0.049 s at 640x272 (0.28 s per megapixel), 0.44 s at
+# 1280x720 (0.48); the smaller figure. With T threads the saving is taken as 1/T of it (at 2 threads
+# the compiled path still measured 0.56-0.57x of the fused one).
+SAVING_S_PER_MPIXEL = 0.28
 
 
 def cache_dir() -> str:
@@ -115,8 +120,9 @@ def break_even_frames(height: int, width: int, threads: int = 1, cached: bool = 
 
 
 def decide(option: str, device: torch.device, frames_per_rank: float, height: int, width: int, threads: int,
-           cached: bool, stored: bool | None = None) -> tuple[bool, str]:
-    """Compile or not, and why. ``stored``: what the buffer being resumed used (a resume keeps it)."""
+           cached: bool, stored: bool | None = None, transformer: bool = True) -> tuple[bool, str]:
+    """Compile or not, and why. ``stored``: what the buffer being resumed used (a resume keeps it);
+    ``transformer``: the network is a TransformerNet (the one whose break-even was measured)."""
     if option not in COMPILE_CHOICES:
         raise MpistyleError(f"unknown --compile {option!r} (choose {', '.join(COMPILE_CHOICES)})")
     if option == "on":
@@ -127,8 +133,8 @@ def decide(option: str, device: torch.device, frames_per_rank: float, height: in
         return stored, "as the buffer being resumed"
     if device.type != "cpu" or not cpu_supports_bf16():
         return False, "auto: compiled path measured on CPUs with native bf16 only"
-    if threads > 1:  # its own kernels run on one thread (compile_package): it pays at one thread per rank
-        return False, f"auto: {threads} threads per rank (the compiled path pays at 1)"
+    if not transformer:
+        return False, "auto: compiled path measured for TransformerNet only"
     need = break_even_frames(height, width, threads, cached)
     if frames_per_rank >= need:
         return True, f"auto: {frames_per_rank:.0f} frames per rank >= break-even {need:.0f}"
@@ -242,6 +248,52 @@ def check_runner(run: Any, stylizer: Stylizer, probe: torch.Tensor) -> float:
     return psnr_db(got, want)
 
 
+def obtain_package(stylizer: Stylizer, shape: tuple[int, ...], key: dict[str, Any] | None = None,
+                   path: str | None = None) -> tuple[bytes | None, dict[str, Any]]:
+    """A checked package for ``stylizer`` at ``shape``: from the cache, else compiled (and kept there).
+
+    Returns (bytes or None when neither works, info: cache hit/miss/bad, compile_s, check_psnr_db, error).
+    """
+    start = time.perf_counter()
+    key = key or artifact_key(stylizer, shape)
+    path = path or os.path.join(cache_dir(), f"{key_digest(key)}.pt2")
+    probe = probe_frames(shape)
+    info: dict[str, Any] = {}
+    data = read_cached(path)
+    if data is not None:
+        try:
+            db = check_runner(load_package(data, stylizer.device), stylizer, probe)
+            if db < CHECK_PSNR_DB:
+                raise RuntimeError(f"its output is {db:.1f} dB from the eager network's")
+            info.update(cache="hit", check_psnr_db=db)
+        except Exception as exc:  # noqa: BLE001 - a bad cache is ignored, never fatal
+            logger.warning("ignoring the compiled-network cache %s (%s): compiling again", path, _first_line(exc))
+            data = None
+            info["cache"] = "bad"
+    if data is None:
+        info.setdefault("cache", "miss")
+        try:
+            t = time.perf_counter()
+            data = compile_package(stylizer.framenet, probe.to(stylizer.device))
+            info["compile_s"] = time.perf_counter() - t
+            db = check_runner(load_package(data, stylizer.device), stylizer, probe)
+            info["check_psnr_db"] = db
+            if db < CHECK_PSNR_DB:
+                raise RuntimeError(f"the compiled network's output is {db:.1f} dB from the eager network's")
+            write_cached(path, data, key)
+        except Exception as exc:  # noqa: BLE001 - the job goes on eagerly, on every rank
+            logger.debug("compilation failed", exc_info=True)
+            info["error"] = _first_line(exc, 300)
+            data = None
+    info["root_s"] = time.perf_counter() - start
+    return data, info
+
+
+def _first_line(exc: BaseException, n: int = 200) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:n] if text else type(exc).__name__
+
+
 @dataclass
 class CompileJob:
     """Rank 0's compilation (or cache read) in a background thread; every rank's result after :meth:`finish`."""
@@ -262,40 +314,8 @@ class CompileJob:
         return self
 
     def _root_work(self) -> None:
-        """Rank 0: a valid cached package, else compile one (and keep it); ``data`` None if neither works."""
-        start = time.perf_counter()
-        probe = probe_frames(self.shape)
-        info = self.info
-        data = read_cached(self.path)
-        if data is not None:
-            try:
-                db = check_runner(load_package(data, self.stylizer.device), self.stylizer, probe)
-                if db < CHECK_PSNR_DB:
-                    raise RuntimeError(f"its output is {db:.1f} dB from the eager network's")
-                info.update(cache="hit", check_psnr_db=db)
-            except Exception as exc:  # noqa: BLE001 - a bad cache is ignored, never fatal
-                logger.warning("ignoring the compiled-network cache %s (%s): compiling again", self.path,
-                               str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
-                data = None
-                info["cache"] = "bad"
-        if data is None:
-            info.setdefault("cache", "miss")
-            try:
-                t = time.perf_counter()
-                with torch.no_grad():
-                    data = compile_package(self.stylizer.framenet, probe.to(self.stylizer.device))
-                info["compile_s"] = time.perf_counter() - t
-                db = check_runner(load_package(data, self.stylizer.device), self.stylizer, probe)
-                info["check_psnr_db"] = db
-                if db < CHECK_PSNR_DB:
-                    raise RuntimeError(f"the compiled network's output is {db:.1f} dB from the eager network's")
-                write_cached(self.path, data, self.key)
-            except Exception as exc:  # noqa: BLE001 - the job goes on eagerly, on every rank
-                logger.debug("compilation failed", exc_info=True)
-                info["error"] = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-                data = None
-        info["root_s"] = time.perf_counter() - start
-        self.data = data
+        self.data, info = obtain_package(self.stylizer, self.shape, self.key, self.path)
+        self.info.update(info)
 
     def finish(self, comm: Any) -> dict[str, Any]:
         """Collective: rank 0's package to every rank; all load it, or all stay eager. Returns the info."""
@@ -309,7 +329,7 @@ class CompileJob:
             try:
                 runner = load_package(data, self.stylizer.device)
             except Exception as exc:  # noqa: BLE001 - agreed on below
-                error = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                error = _first_line(exc)
         failed = [e for e in comm.allgather(error) if e is not None]
         info = dict(info)
         if data is not None and not failed:
@@ -345,6 +365,10 @@ def start_compile(comm: Any, stylizer: Stylizer, shape: tuple[int, ...]) -> Comp
         raise MpistyleError("--compile: the ranks differ in CPU, torch or model; run with --compile off")
     path = os.path.join(cache_dir(), f"{keys[0]}.pt2")
     return CompileJob(stylizer, tuple(shape), key, path, comm.Get_rank() == 0).start()
+
+
+def is_transformer(stylizer: Stylizer) -> bool:
+    return isinstance(stylizer.model, TransformerNet)
 
 
 def cached(stylizer: Stylizer, shape: tuple[int, ...]) -> bool:

@@ -34,9 +34,25 @@ def bench_result(tmp_path_factory, model_args) -> tuple[dict, str]:
     out = tmp / "bench.json"
     # --encode both (the default): the 2-rank pipeline runs with segments and again with rank0.
     proc = run_mpistyle(["bench", str(BBB), "--ranks", "1,2", "--frames", "6", "--compare-frames", "2",
-                         "--repeat", "2", "--json", str(out), "--launcher-args=-bind-to core", *model_args],
-                        timeout=900, check=True)
+                         "--repeat", "2", "--json", str(out), "--network-sizes", "none",
+                         "--launcher-args=-bind-to core", *model_args], timeout=900, check=True)
     return json.loads(out.read_text()), proc.stdout
+
+
+def test_bench_networks_table_compares_the_paths(tmp_path, model_args) -> None:
+    """--networks: every path's time per frame and PSNR against fp32 eager (one small compilation)."""
+    out = tmp_path / "networks.json"
+    proc = run_mpistyle(["bench", str(BBB), "--networks", "--network-sizes", "64x48", "--network-threads", "1",
+                         "--network-frames", "1", "--no-openvino", "--json", str(out), *model_args],
+                        env={"MPISTYLE_CACHE_DIR": str(tmp_path / "cache")}, timeout=400, check=True)
+    rows = json.loads(out.read_text())["networks"]["rows"]
+    assert [(r["width"], r["height"], r["threads"]) for r in rows] == [(64, 48, 1)]
+    paths = rows[0]["paths"]
+    assert set(paths) == {"eager", "fused", "compiled"}
+    for p in paths.values():
+        assert _finite_positive(p["s_per_frame"]) and p["psnr_db"] >= 40
+    assert paths["eager"]["ratio"] == 1.0
+    assert "network paths on CPU" in proc.stdout and "compiled package: cache miss" in proc.stdout
 
 
 def test_bench_measures_what_it_says(bench_result) -> None:
@@ -57,8 +73,12 @@ def test_bench_measures_what_it_says(bench_result) -> None:
         assert report["ranks"] == run["ranks"] and report["outcome"] == "done"
         assert report["frames"] == 6 and sum(p["frames"] for p in report["per_rank"]) == 6
         assert len(run["per_rank"]) == run["ranks"]
-    for key in ("pipeline/forward", "speedup", "scaling model", "targets"):
+    for key in ("pipeline/forward", "speedup", "scaling model", "targets", "0.3's eager path beside it"):
         assert key in stdout
+    assert _finite_positive(fwd["eager_per_frame_s"]) and _finite_positive(fwd["decode_s"])
+    names = [t["name"] for t in result["targets"]]
+    assert "stylize network s/frame / 0.3 eager forward" in names
+    assert any(n.startswith("1-rank stylize process / (decode + 0.3 eager forward)") for n in names)
 
 
 def test_bench_reports_flow_pool_and_fusion(bench_result) -> None:
@@ -115,7 +135,7 @@ def test_bench_numbers_are_consistent(bench_result) -> None:
     assert ob["total"] == pytest.approx(one["work_s"] - one["frames"] * fwd)
     assert sum(v for k, v in ob.items() if k != "total") == pytest.approx(ob["total"])
     names = [t["name"] for t in result["targets"]]
-    assert len(names) == 3 and all(isinstance(t["met"], bool) for t in result["targets"])
+    assert len(names) == 5 and all(isinstance(t["met"], bool) for t in result["targets"])
 
 
 def test_bench_precision_check_and_scaling(bench_result) -> None:

@@ -47,12 +47,12 @@ def test_decide_follows_the_option_the_resumed_buffer_and_the_break_even():
     cold = compiled.break_even_frames(272, 640, threads=1, cached=False)
     warm = compiled.break_even_frames(272, 640, threads=1, cached=True)
     assert warm < cold and compiled.break_even_frames(272, 640, threads=2) == pytest.approx(2 * cold)
-    assert compiled.decide("auto", cpu, 10**9, 272, 640, 2, cached=True)[0] is False  # pays at 1 thread
     if compiled.cpu_supports_bf16():
         assert compiled.decide("auto", cpu, cold + 1, 272, 640, 1, cached=False)[0] is True
         assert compiled.decide("auto", cpu, cold - 1, 272, 640, 1, cached=False)[0] is False
     else:
         assert compiled.decide("auto", cpu, 10**9, 272, 640, 1, cached=True)[0] is False
+    assert compiled.decide("auto", cpu, 10**9, 720, 1280, 1, cached=True, transformer=False)[0] is False
     with pytest.raises(Exception, match="--compile"):
         compiled.decide("sometimes", cpu, 1, 1, 1, 1, cached=False)
 

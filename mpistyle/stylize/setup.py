@@ -80,7 +80,7 @@ def choose_network(opts: StylizeOptions, checked: Validated, stylizer: Any, batc
     A resumed buffer keeps the path it was made with under ``--compile auto`` (frames must match bit for
     bit); an explicit ``--compile on|off`` that differs from it is a settings mismatch, as for any setting.
     """
-    from ..compiled import cached, decide
+    from ..compiled import cached, decide, is_transformer
 
     stored = None
     buffer_path = opts.buffer or default_buffer_path(opts.output)
@@ -90,7 +90,7 @@ def choose_network(opts: StylizeOptions, checked: Validated, stylizer: Any, batc
     shape = (batch, checked.height, checked.width, 3)
     is_cached = opts.compile == "auto" and stylizer.device.type == "cpu" and cached(stylizer, shape)
     on, why = decide(opts.compile, stylizer.device, checked.info.n_frames / max(1, n_ranks), checked.height,
-                     checked.width, threads, cached=is_cached, stored=stored)
+                     checked.width, threads, cached=is_cached, stored=stored, transformer=is_transformer(stylizer))
     return ("compiled/" if on else "") + stylizer.recipe.describe(), why
 
 
