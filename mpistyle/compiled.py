@@ -119,10 +119,17 @@ def break_even_frames(height: int, width: int, threads: int = 1, cached: bool = 
     return (COMPILE_WARM_S if cached else COMPILE_COLD_S) / max(saving, 1e-9)
 
 
-def decide(option: str, device: torch.device, frames_per_rank: float, height: int, width: int, threads: int,
-           cached: bool, stored: bool | None = None, transformer: bool = True) -> tuple[bool, str]:
-    """Compile or not, and why. ``stored``: what the buffer being resumed used (a resume keeps it);
-    ``transformer``: the network is a TransformerNet (the one whose break-even was measured)."""
+def decide(option: str, device: torch.device, frames: int, height: int, width: int, threads: int | None,
+           stored: bool | None = None, transformer: bool = True) -> tuple[bool, str]:
+    """Compile or not, and why (pure; rank 0 decides for the job).
+
+    The compiled and eager paths differ in the last bits, so ``auto`` decides from what is the same for
+    1 rank and N ranks, and for a cold or a warm cache: the device, the network, the video's frames and
+    size, and a thread count fixed by the user (``threads``: ``--threads`` or SLURM_CPUS_PER_TASK; None
+    when it follows the node's cores and the rank count). A job then gives the same frames on any rank
+    count. ``stored``: what the buffer being resumed used (a resume keeps it); ``transformer``: the
+    network is a TransformerNet (the one whose break-even was measured).
+    """
     if option not in COMPILE_CHOICES:
         raise MpistyleError(f"unknown --compile {option!r} (choose {', '.join(COMPILE_CHOICES)})")
     if option == "on":
@@ -135,10 +142,13 @@ def decide(option: str, device: torch.device, frames_per_rank: float, height: in
         return False, "auto: compiled path measured on CPUs with native bf16 only"
     if not transformer:
         return False, "auto: compiled path measured for TransformerNet only"
-    need = break_even_frames(height, width, threads, cached)
-    if frames_per_rank >= need:
-        return True, f"auto: {frames_per_rank:.0f} frames per rank >= break-even {need:.0f}"
-    return False, f"auto: {frames_per_rank:.0f} frames per rank < break-even {need:.0f}"
+    if threads != 1:  # the package runs one thread; the thread count must not follow the rank count
+        why = "set by the rank count" if threads is None else f"{threads}"
+        return False, f"auto: threads per rank {why} (the compiled path runs one thread: --threads 1 to use it)"
+    need = break_even_frames(height, width, 1, cached=False)
+    if frames >= need:
+        return True, f"auto: {frames} frames >= break-even {need:.0f}"
+    return False, f"auto: {frames} frames < break-even {need:.0f}"
 
 
 def probe_frames(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:

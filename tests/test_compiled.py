@@ -40,21 +40,37 @@ class OneRank:
 
 def test_decide_follows_the_option_the_resumed_buffer_and_the_break_even():
     cpu = torch.device("cpu")
-    assert compiled.decide("on", cpu, 1, 72, 128, 1, cached=False) == (True, "--compile on")
-    assert compiled.decide("off", cpu, 10**6, 720, 1280, 1, cached=True)[0] is False
-    assert compiled.decide("auto", cpu, 1, 72, 128, 1, cached=True, stored=True)[0] is True  # a resume keeps it
-    assert compiled.decide("auto", cpu, 10**6, 720, 1280, 1, cached=True, stored=False)[0] is False
+    assert compiled.decide("on", cpu, 1, 72, 128, None) == (True, "--compile on")
+    assert compiled.decide("off", cpu, 10**6, 720, 1280, 1)[0] is False
+    assert compiled.decide("auto", cpu, 1, 72, 128, 1, stored=True)[0] is True  # a resume keeps it
+    assert compiled.decide("auto", cpu, 10**6, 720, 1280, 1, stored=False)[0] is False
     cold = compiled.break_even_frames(272, 640, threads=1, cached=False)
     warm = compiled.break_even_frames(272, 640, threads=1, cached=True)
     assert warm < cold and compiled.break_even_frames(272, 640, threads=2) == pytest.approx(2 * cold)
     if compiled.cpu_supports_bf16():
-        assert compiled.decide("auto", cpu, cold + 1, 272, 640, 1, cached=False)[0] is True
-        assert compiled.decide("auto", cpu, cold - 1, 272, 640, 1, cached=False)[0] is False
+        assert compiled.decide("auto", cpu, int(cold) + 1, 272, 640, 1)[0] is True
+        assert compiled.decide("auto", cpu, int(cold) - 1, 272, 640, 1)[0] is False
     else:
-        assert compiled.decide("auto", cpu, 10**9, 272, 640, 1, cached=True)[0] is False
-    assert compiled.decide("auto", cpu, 10**9, 720, 1280, 1, cached=True, transformer=False)[0] is False
+        assert compiled.decide("auto", cpu, 10**9, 272, 640, 1)[0] is False
+    assert compiled.decide("auto", cpu, 10**9, 720, 1280, 1, transformer=False)[0] is False
     with pytest.raises(Exception, match="--compile"):
-        compiled.decide("sometimes", cpu, 1, 1, 1, 1, cached=False)
+        compiled.decide("sometimes", cpu, 1, 1, 1, 1)
+
+
+def test_auto_decides_the_same_for_any_rank_count_and_cache_state():
+    """Compiled and eager frames differ in the last bits: 1 rank and N ranks must take the same path. The
+    decision sees the whole video's frames, and a thread count only where the user fixed it."""
+    cpu = torch.device("cpu")
+    frames = 10**6
+    # Threads that follow the node's cores and the rank count (None): never compiled by auto.
+    assert compiled.decide("auto", cpu, frames, 272, 640, None)[0] is False
+    assert compiled.decide("auto", cpu, frames, 272, 640, 2)[0] is False
+    if compiled.cpu_supports_bf16():
+        assert compiled.decide("auto", cpu, frames, 272, 640, 1)[0] is True
+    import inspect
+
+    assert "cached" not in inspect.signature(compiled.decide).parameters
+    assert "frames_per_rank" not in inspect.signature(compiled.decide).parameters
 
 
 def test_the_key_names_everything_the_package_depends_on():

@@ -66,7 +66,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     stylizer, device, dtype, batch = collective(comm, load, root_only=False)
     # The numeric path, the same on every rank: compiled once per job (rank 0 compiles or reads the cache
     # while the others wait idle; mpistyle.compiled), or the eager recipe.
-    network, network_why = collective(comm, lambda: choose_network(opts, checked, stylizer, batch, size, threads))
+    network, network_why = collective(comm, lambda: choose_network(opts, checked, stylizer))
     compile_info: dict[str, Any] = {}
     if network.startswith("compiled/"):
         from ..compiled import start_compile

@@ -73,24 +73,22 @@ def validate_on_root(opts: StylizeOptions) -> Validated:
     return Validated(info=info, width=width, height=height, model_path=resolve_model(opts.model))
 
 
-def choose_network(opts: StylizeOptions, checked: Validated, stylizer: Any, batch: int, n_ranks: int,
-                   threads: int) -> tuple[str, str]:
+def choose_network(opts: StylizeOptions, checked: Validated, stylizer: Any) -> tuple[str, str]:
     """Rank 0: the numeric path this job takes on every rank (``compiled/...`` or the eager recipe) and why.
 
     A resumed buffer keeps the path it was made with under ``--compile auto`` (frames must match bit for
     bit); an explicit ``--compile on|off`` that differs from it is a settings mismatch, as for any setting.
     """
-    from ..compiled import cached, decide, is_transformer
+    from ..compiled import decide, is_transformer
+    from ..mpi import fixed_threads
 
     stored = None
     buffer_path = opts.buffer or default_buffer_path(opts.output)
     if not opts.restart and os.path.isfile(buffer_path):
         name = stored_network(buffer_path)
         stored = None if name is None else name.startswith("compiled/")
-    shape = (batch, checked.height, checked.width, 3)
-    is_cached = opts.compile == "auto" and stylizer.device.type == "cpu" and cached(stylizer, shape)
-    on, why = decide(opts.compile, stylizer.device, checked.info.n_frames / max(1, n_ranks), checked.height,
-                     checked.width, threads, cached=is_cached, stored=stored, transformer=is_transformer(stylizer))
+    on, why = decide(opts.compile, stylizer.device, checked.info.n_frames, checked.height, checked.width,
+                     fixed_threads(opts.threads), stored=stored, transformer=is_transformer(stylizer))
     return ("compiled/" if on else "") + stylizer.recipe.describe(), why
 
 
