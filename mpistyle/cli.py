@@ -130,10 +130,12 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
                         "of unequal speed; chunks start at fusion anchors and re-stylize their --halo lead frames)")
     g.add_argument("--chunks", type=_positive_int, default=None,
                    help="number of chunks for --schedule dynamic (default 4 per rank)")
-    g.add_argument("--decode", choices=("rank0", "each"), default="rank0",
-                   help="rank0 (default): rank 0 decodes the video once and sends every rank its frames; each: "
-                        "every rank decodes its own partition with a frame-exact seek (no frames over MPI; "
-                        "pays off for large frames on a shared file system; static schedule only)")
+    g.add_argument("--decode", choices=("auto", "rank0", "each"), default="auto",
+                   help="rank0: rank 0 decodes the video once and sends every rank its frames; each: every rank "
+                        "decodes its own partition with a frame-exact seek (no frames over MPI, no rank waits for "
+                        "rank 0's decoder to reach its frames; static schedule only). auto (default): each with "
+                        "the static schedule on several ranks where the input seeks (sequences, constant-rate "
+                        "mp4/mov/mkv/webm), else rank0")
     g.add_argument("--scratch", default=None,
                    help="directory for each rank's spool of source frames (default $TMPDIR)")
     g = p.add_argument_group("buffer and output")

@@ -46,7 +46,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     threads = threads_per_rank(local_size, opts.threads)
     configure_threads(threads)
 
-    checked: Validated = collective(comm, lambda: validate_on_root(opts))
+    checked: Validated = collective(comm, lambda: validate_on_root(opts, size))
 
     def load() -> Any:
         import torch
@@ -93,7 +93,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     t_work = time.perf_counter()  # all ranks leave the setup collective together: a shared time origin
     temporal_on = opts.temporal.mode != "none"
     dynamic = opts.schedule == "dynamic"
-    local_decode = opts.decode == "each"  # validated on rank 0: static schedule only
+    local_decode = checked.decode == "each"  # resolved on rank 0: static schedule only
     n_parts = (opts.chunks or 4 * size) if dynamic else size
     # Dynamic chunks start at anchors, so each warms up over the lead only (see partition.py).
     plan = make_plan(setup.n_frames, n_parts, opts.halo, done=list(setup.done), temporal=temporal_on,

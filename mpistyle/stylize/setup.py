@@ -53,9 +53,24 @@ class Validated:
     width: int
     height: int
     model_path: str
+    decode: str = "rank0"  # who decodes: rank0 or each (--decode auto resolved)
 
 
-def validate_on_root(opts: StylizeOptions) -> Validated:
+def resolve_decode(option: str, schedule: str, n_ranks: int, info: Any) -> str:
+    """``--decode auto``: every rank decodes its own frames (a frame-exact seek) with the static schedule
+    on several ranks, where the input seeks; else rank 0's one stream. With rank 0 decoding, the last
+    rank's first frame arrives only when rank 0's decoder reaches it, (P-1)/P of the way through the
+    video (measured: 9 s of an 88 s 2-rank run of 1000 frames at 640x272), pure."""
+    from ..io.seek import seeks
+
+    if option == "each" and schedule == "dynamic":
+        raise MpistyleError("--decode each needs --schedule static (dynamic chunks are decoded by rank 0)")
+    if option != "auto":
+        return option
+    return "each" if schedule == "static" and n_ranks > 1 and seeks(info) else "rank0"
+
+
+def validate_on_root(opts: StylizeOptions, n_ranks: int = 1) -> Validated:
     """Cheap checks first (input, output, size, model name), before any rank loads a model."""
     from ..io.media import probe
     from ..io.probe import output_size
@@ -67,10 +82,9 @@ def validate_on_root(opts: StylizeOptions) -> Validated:
                             f"its own rate ({info.fps} fps)")
     validate_output(opts.input, opts.output)
     uses_segments(opts.output, 1, opts.encode)  # a bad --encode for this output fails here, once
-    if opts.decode == "each" and opts.schedule == "dynamic":
-        raise MpistyleError("--decode each needs --schedule static (dynamic chunks are decoded by rank 0)")
+    decode = resolve_decode(opts.decode, opts.schedule, n_ranks, info)
     width, height = output_size(info, width=opts.width, height=opts.height, scale=opts.scale)
-    return Validated(info=info, width=width, height=height, model_path=resolve_model(opts.model))
+    return Validated(info=info, width=width, height=height, model_path=resolve_model(opts.model), decode=decode)
 
 
 def choose_network(opts: StylizeOptions, checked: Validated, stylizer: Any) -> tuple[str, str]:

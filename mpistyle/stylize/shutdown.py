@@ -119,6 +119,7 @@ def shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, store: Frame
         counts = dict(worker.counts) if worker is not None else {}
         if decoder is not None:
             times["decode"] = decoder.decode_s
+            counts["local_decode"] = int(isinstance(decoder, LocalDecoder))
         if worker is not None and worker.segments is not None:
             times["segment_encode"] = worker.segments.encode_s
             counts["segments"] = len(worker.segments.finished)
@@ -258,6 +259,7 @@ def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, s
         "halo_fusion_steps": plan.halo_cost(),
         "boundaries": plan.boundaries(),
         "schedule": opts.schedule,
+        "decode": "each" if per_rank[0]["counts"].get("local_decode") else "rank0",  # --decode auto resolved
         "parts": plan.n_ranks,
         "wall_s": elapsed,
         "work_s": elapsed - setup_s,
