@@ -171,7 +171,9 @@ def test_bench_measures_rank0_cost_in_both_encode_modes(bench_result) -> None:
         assert cost == pipeline.rank0_cost(report, mode)
         assert cost["ranks"] == 2 and cost["frames"] == 6
         assert cost["serial_s"] == pytest.approx(sum(cost[k] for k in ("decode_s", "write_s", "encode_s", "join_s")))
-        assert _finite_positive(cost["decode_s"]) and _finite_positive(cost["write_s"])
+        assert _finite_positive(cost["write_s"])
+        # --decode auto on 2 ranks: every rank decodes its own frames, so no decode is rank 0's serial work
+        assert report["decode"] == "each" and cost["decode_s"] == 0.0
     assert costs["rank0"]["join_s"] == 0.0 and _finite_positive(costs["rank0"]["encode_s"])
     assert costs["rank0"]["segment_encode_s"] == 0.0 and costs["rank0"]["segments"] == 0
     assert costs["segments"]["encode_s"] == 0.0 and _finite_positive(costs["segments"]["join_s"])
@@ -264,6 +266,24 @@ def test_scaling_model_overhead_grows_with_ranks() -> None:
         assert all(r["total_balanced_s"] <= r["total_s"] + 1e-9 for r in rows)  # balancing never hurts
         speedups = [r["speedup"] for r in rows]
         assert all(b >= a for a, b in zip(speedups, speedups[1:], strict=False))
+
+
+def test_rank0_cost_with_decode_each_leaves_the_decode_out_of_the_serial_stream() -> None:
+    """--decode each: rank 0 decodes its own frames only, parallel work like any rank's."""
+    report = {**_report([{"decode": 3.0, "write": 1.0, "join": 0.5}, {"decode": 3.0}], [50, 50]), "decode": "each"}
+    cost = pipeline.rank0_cost(report, "segments")
+    assert cost["decode_s"] == 0.0 and cost["serial_s"] == pytest.approx((1.0 + 0.5) / 100)
+    assert pipeline.rank0_cost({**report, "decode": "rank0"}, "segments")["serial_s"] == pytest.approx(4.5 / 100)
+
+
+def test_scaling_model_takes_the_measured_cost_per_rank_frame() -> None:
+    """rank_s (the 1-rank run's work per frame on a core of its own) replaces the sum of the helper
+    threads' clocks, which overlap the network and each other."""
+    measured = {"network_s": 0.1, "flow_s": 0.16, "fuse_s": 0.01, "frame_bytes": 0, "root_serial_s": 0.0,
+                "halo": 0, "rank_s": 0.16}
+    rows = scaling.scaling_model(measured, [1, 4], frames=1000)
+    assert [r["total_s"] for r in rows] == pytest.approx([160.0, 40.0])
+    assert scaling.scaling_model({**measured, "rank_s": None}, [1], frames=1000)[0]["total_s"] == pytest.approx(270.0)
 
 
 def test_scaling_model_worked_by_hand() -> None:

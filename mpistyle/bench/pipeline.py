@@ -165,6 +165,9 @@ def measured_costs(summary: dict[str, Any], runs: dict[int, dict[str, Any]]) -> 
         "frames_measured": frames,
         "frame_bytes": int(one["width"]) * int(one["height"]) * 3,
         "network_s": float(summary["forward_s_per_frame"]),
+        # everything one rank spends per frame on a core of its own: the 1-rank run's work time per frame
+        # (the helper threads' clocks below overlap it and each other, so they do not add up)
+        "rank_s": float(row1["work_s"]) / frames,
         "flow_s": times.get("flow", 0.0) / max(frames - 1, 1),
         "fuse_s": times.get("fuse", 0.0) / frames,
         "send_s": times.get("send", 0.0) / frames,
@@ -186,12 +189,15 @@ def rank0_cost(report: dict[str, Any], mode: str) -> dict[str, Any]:
     decode (rank 0's decoder thread), write (the sink's HDF5 writes and commits), encode (the sink
     feeding the one x264, ``--encode rank0``), join (filling holes and the stream-copy concat after
     the work, ``--encode segments``). ``serial_s`` is their sum: the threads overlap each other and
-    the work, so the sum is the conservative figure. ``segment_encode_s`` is each rank's own encoder
-    per frame it encoded: parallel work, not rank 0's.
+    the work, so the sum is the conservative figure. With ``--decode each`` (the report's ``decode``)
+    rank 0 decodes only its own frames, parallel work like every rank's: not serial. ``segment_encode_s``
+    is each rank's own encoder per frame it encoded: parallel work, not rank 0's.
     """
     frames = max(int(report["frames"]), 1)
     root = next(e for e in report["per_rank"] if e.get("rank", 0) == 0)
     times = {k: float(v) for k, v in (root.get("times_s") or {}).items()}
+    if report.get("decode") == "each":
+        times["decode"] = 0.0
     parts = {f"{k}_s": times.get(k, 0.0) / frames for k in ("decode", "write", "encode", "join")}
     # Segments are encoded as frames come out (segment_encode) or, for blocks no run covered whole,
     # from the buffer after the work (leftover_encode): both are the ranks' parallel work.

@@ -70,8 +70,9 @@ def scaling_model(measured: dict[str, Any], ranks: Sequence[int], frames: int = 
                   link_bytes_per_s: float = 1.25e9) -> list[dict[str, Any]]:
     """Project run time and overhead for a long video of ``frames`` frames on P ranks.
 
-    Per-frame costs (seconds, from ``measured``): n = network, c = n + flow + fuse + send (what a
-    rank spends per frame it owns), s0 = max(decode + write + encode, root_cpu) + 2 x frame_bytes /
+    Per-frame costs (seconds, from ``measured``): n = network, c = what a rank spends per frame it owns
+    (``rank_s``, the 1-rank run's work per frame, or n + flow + fuse + send; :func:`rank_cost_per_frame`),
+    s0 = max(decode + write + encode, root_cpu) + 2 x frame_bytes /
     link (rank 0's serial share of every frame: it decodes and scatters each frame once, gathers,
     buffers and encodes it once; root_cpu is that cost as CPU time, which also counts the ffmpeg
     processes that the threads' clocks miss). W = the longest warm-up of the plan (up to
@@ -96,7 +97,7 @@ def scaling_model(measured: dict[str, Any], ranks: Sequence[int], frames: int = 
     startup do not. ``speedup`` and ``efficiency`` are against T(1).
     """
     n = float(measured["network_s"])
-    c = n + sum(float(measured.get(k, 0.0)) for k in ("flow_s", "fuse_s", "send_s", "segment_encode_s"))
+    c = rank_cost_per_frame(measured)
     s0 = root_serial_per_frame(measured, link_bytes_per_s)
     k = int(measured.get("halo", 0))
     every = int(measured.get("every", 0))
@@ -135,6 +136,15 @@ def scaling_model(measured: dict[str, Any], ranks: Sequence[int], frames: int = 
     return rows
 
 
+def rank_cost_per_frame(measured: dict[str, Any]) -> float:
+    """c of :func:`scaling_model`: what one rank spends per frame it owns. ``rank_s`` (the 1-rank run's
+    work time per frame, measured on a core of its own) when given, else the sum of the parts."""
+    if measured.get("rank_s") is not None:
+        return float(measured["rank_s"])
+    return float(measured["network_s"]) + sum(
+        float(measured.get(k, 0.0)) for k in ("flow_s", "fuse_s", "send_s", "segment_encode_s"))
+
+
 def root_serial_per_frame(measured: dict[str, Any], link_bytes_per_s: float = 1.25e9) -> float:
     """s0 of :func:`scaling_model`: rank 0's serial seconds per frame, its link's share included."""
     comm = 2.0 * float(measured.get("frame_bytes", 0)) / link_bytes_per_s
@@ -159,8 +169,7 @@ def encode_projection(measured: dict[str, Any], cost: dict[str, Any], ranks: Seq
     """
     model_in = {**measured, "root_serial_s": cost["serial_s"], "segment_encode_s": cost["segment_encode_s"]}
     s0 = root_serial_per_frame(model_in, link_bytes_per_s)
-    c = float(measured["network_s"]) + sum(
-        float(model_in.get(k, 0.0)) for k in ("flow_s", "fuse_s", "send_s", "segment_encode_s"))
+    c = rank_cost_per_frame(model_in)
     ceiling = 1.0 / s0 if s0 > 0 else math.inf
     link = s0 - cost["serial_s"]
     overlapped = max(float(cost.get("decode_s", 0.0)), float(cost.get("write_s", 0.0)) + float(
