@@ -286,6 +286,8 @@ def main(args: argparse.Namespace) -> int:
                 write_plots(run["report"], clip, run["output"], os.path.join(args.plots, f"ranks-{n}"))
         summary = summarize(forward, runs)
         measured = measured_costs(summary, runs)
+        if flow["threads_1"]["pairs_per_s"] > 0:  # a warm-up step's flow: one pair on a free core (the run's
+            measured["flow_s"] = 1.0 / flow["threads_1"]["pairs_per_s"]  # pool clock overlaps the network)
         costs = {mode: rank0_cost(mode_runs[max(mode_runs)]["report"], mode)
                  for mode, mode_runs in by_mode.items()}  # the largest run: rank 0 serves the most ranks
         result: dict[str, Any] = {

@@ -186,11 +186,12 @@ def measured_costs(summary: dict[str, Any], runs: dict[int, dict[str, Any]]) -> 
 def rank0_cost(report: dict[str, Any], mode: str) -> dict[str, Any]:
     """Rank 0's serial cost per frame of the video in one stylize report, split into its parts.
 
-    decode (rank 0's decoder thread), write (the sink's HDF5 writes and commits), encode (the sink
-    feeding the one x264, ``--encode rank0``), join (filling holes and the stream-copy concat after
-    the work, ``--encode segments``). ``serial_s`` is their sum: the threads overlap each other and
-    the work, so the sum is the conservative figure. With ``--decode each`` (the report's ``decode``)
-    rank 0 decodes only its own frames, parallel work like every rank's: not serial. ``segment_encode_s``
+    decode (rank 0's decoder thread), write (rank 0's store thread: its own frames only, since 0.3 every
+    rank writes its own; reported, not serial), encode (the sink feeding the one x264, ``--encode
+    rank0``), join (filling holes and the stream-copy concat after the work, ``--encode segments``).
+    ``serial_s`` is decode + encode + join: the threads overlap each other and the work, so the sum is
+    the conservative figure. With ``--decode each`` (the report's ``decode``) rank 0 decodes only its
+    own frames, parallel work like every rank's: not serial either. ``segment_encode_s``
     is each rank's own encoder per frame it encoded: parallel work, not rank 0's.
     """
     frames = max(int(report["frames"]), 1)
@@ -206,7 +207,7 @@ def rank0_cost(report: dict[str, Any], mode: str) -> dict[str, Any]:
     seg_frames = sum(int((e.get("counts") or {}).get(k, 0)) for e in report["per_rank"]
                      for k in ("segment_frames", "leftover_frames"))
     return {"mode": mode, "ranks": int(report["ranks"]), "frames": frames, **parts,
-            "serial_s": sum(parts.values()),
+            "serial_s": sum(v for k, v in parts.items() if k != "write_s"),
             "segment_encode_s": seg_time / seg_frames if seg_frames else 0.0,
             "segments": sum(int((e.get("counts") or {}).get(k, 0)) for e in report["per_rank"]
                             for k in ("segments", "leftover_blocks"))}
