@@ -214,7 +214,7 @@ def cmd_stylize(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import DEFAULT_MODEL, bundled_models, model_info
+    from .models import DEFAULT_MODEL, DESCRIPTIONS, bundled_models, model_info
 
     models = bundled_models()
     if not models:
@@ -226,6 +226,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         style = info.get("style_image") or info.get("style") or "?"
         detail = ", ".join(f"{k}={info[k]}" for k in ("architecture", "steps", "size") if k in info)
         print(f"{name}{mark}: style {style}{'; ' + detail if detail else ''}  [{path}]")
+        if name in DESCRIPTIONS:
+            print(f"    {DESCRIPTIONS[name]}")
     return 0
 
 

@@ -28,6 +28,14 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_MODEL = "starry-night"
+# One line each on what a bundled style looks like (``mpistyle models``).
+DESCRIPTIONS = {
+    "starry-night": "The Starry Night (van Gogh, 1889): short swirling strokes in deep blue and yellow, "
+                    "dark outlines; the picture stays readable",
+    "great-wave": "The Great Wave off Kanagawa (Hokusai, c. 1831): a woodblock print's flat Prussian blue "
+                  "and cream with fine line work",
+    "udnie": "Udnie (Picabia, 1913): cubist facets in warm greys, ochre and blue",
+}
 # Name of the extra record that save_model() adds inside torch's zip archive. torch.load ignores
 # records it does not reference, so the file stays a plain state dict for every other tool.
 PROVENANCE_RECORD = "mpistyle_provenance.json"
@@ -172,6 +180,12 @@ def load_model(spec: str | None, device: str | torch.device = "cpu") -> nn.Modul
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
         raise MpistyleError(f"model file {path} has non-finite weights in {_abbrev(bad)}")
+    # A filter on the output that the model was trained and scored with (mpistyle.engine.median3):
+    # recorded in the provenance, so the state dict stays plain fast_neural_style.
+    post = model_info(path).get("postfilter", "none")
+    if post not in ("none", "median3"):
+        raise MpistyleError(f"model file {path} asks for an unknown postfilter '{post}' (known: none, median3)")
+    model.postfilter = post
     return model.eval().to(device)
 
 

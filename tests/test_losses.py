@@ -155,4 +155,7 @@ def test_quality_report_prints_table(images, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "source frames" in out and "untrained TransformerNet" in out and str(model) in out
     rows = [ln for ln in out.splitlines() if str(model) in ln and "frames" not in ln]
-    assert len(rows) == 1 and len(rows[0].split()) == 3
+    # style, content, structure, grid, PSNR, then the verdict on the bars
+    assert len(rows) == 1 and len(rows[0].split()) >= 7
+    assert "structure" in out and "grid" in out and "PSNR" in out
+    assert "FAIL" in rows[0] and "content" in rows[0]  # an untrained net is no better than itself

@@ -214,9 +214,14 @@ def test_fp16_with_grad_scaler_trains_and_resumes_exactly(images, tmp_path, devi
     assert model_info(str(tmp_path / "full.pth"))["precision"] == "float16"
 
 
-def test_bf16_autocast_trains_and_fp32_is_the_cpu_default(images, tmp_path):
+def test_bf16_autocast_trains_and_auto_follows_the_cpu(images, tmp_path, monkeypatch):
+    from mpistyle import engine
+
+    monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: False)
     auto = Trainer(_cfg(images, tmp_path / "a.pth", steps=1))
-    assert auto.amp_dtype is None and not auto.scaler.is_enabled()
+    assert auto.amp_dtype is None and not auto.scaler.is_enabled()  # fp32 on a CPU without native bf16
+    monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: True)
+    assert Trainer(_cfg(images, tmp_path / "a.pth", steps=1)).amp_dtype == torch.bfloat16
     tr = Trainer(_cfg(images, tmp_path / "b.pth", steps=3, precision="bf16", pool_size=16))
     assert tr.amp_dtype == torch.bfloat16 and not tr.scaler.is_enabled()  # bf16 needs no loss scaling
     hist = tr.run()
@@ -347,3 +352,84 @@ def test_signal_saves_a_checkpoint_and_exits_75_then_resume_finishes(images, tmp
                          text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-2000:]
     assert load_checkpoint(str(tmp_path / "sig.ckpt"))["step"] == stopped_at + 2
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 22: warm starts, provenance stages, lr decay, compile, scoring every checkpoint
+
+
+def test_compile_auto_is_on_only_for_long_cpu_runs():
+    from mpistyle.training.train import COMPILE_AUTO_MIN_STEPS, resolve_compile
+
+    cpu = torch.device("cpu")
+    assert resolve_compile("auto", cpu, COMPILE_AUTO_MIN_STEPS) is True
+    assert resolve_compile("auto", cpu, 10) is False
+    assert resolve_compile("on", cpu, 1) is True and resolve_compile("off", cpu, 10**6) is False
+    with pytest.raises(MpistyleError, match="compile"):
+        resolve_compile("always", cpu, 1)
+
+
+def test_init_starts_from_a_model_and_the_provenance_keeps_every_stage(images, tmp_path):
+    first = tmp_path / "first.pth"
+    Trainer(_cfg(images, first, steps=2, checkpoint_every=0)).run()
+    tr = Trainer(_cfg(images, tmp_path / "second.pth", steps=3, checkpoint_every=0, init=str(first), seed=9,
+                      size=36, lr=1e-3))
+    saved = TransformerNet()
+    saved.load_state_dict({k: v.float() for k, v in torch.load(first, weights_only=True).items()})
+    # The weights are the first model's (it was saved as fp16), not seed 9's fresh ones.
+    assert all(torch.equal(saved.state_dict()[k], v) for k, v in tr.model.state_dict().items())
+    assert not tr.opt.state_dict()["state"]  # a fresh optimizer
+    tr.run()
+    info = model_info(str(tmp_path / "second.pth"))
+    assert [st["steps"] for st in info["stages"]] == [2, 3]
+    assert info["stages"][0]["phases"][0]["size"] == 32 and info["stages"][1]["phases"][0]["size"] == 36
+    assert info["init"]["model"] == "first.pth" and len(info["init"]["sha256"]) == 64
+    # A third stage from the second model lists all three.
+    Trainer(_cfg(images, tmp_path / "third.pth", steps=1, checkpoint_every=0,
+                 init=str(tmp_path / "second.pth"))).run()
+    assert [st["steps"] for st in model_info(str(tmp_path / "third.pth"))["stages"]] == [2, 3, 1]
+    with pytest.raises(MpistyleError, match="unknown model|not found"):
+        Trainer(_cfg(images, tmp_path / "x.pth", init=str(tmp_path / "missing.pth")))
+
+
+def test_init_survives_a_resume(images, tmp_path):
+    first = tmp_path / "first.pth"
+    Trainer(_cfg(images, first, steps=1, checkpoint_every=0)).run()
+    Trainer(_cfg(images, tmp_path / "b.pth", steps=2, init=str(first))).run()
+    Trainer(_cfg(images, tmp_path / "b.pth", steps=4, init=str(first), resume=True)).run()
+    info = model_info(str(tmp_path / "b.pth"))
+    assert [st["steps"] for st in info["stages"]] == [1, 4] and info["init"]["model"] == "first.pth"
+
+
+def test_lr_decays_linearly_over_the_last_steps(images, tmp_path):
+    tr = Trainer(_cfg(images, tmp_path / "m.pth", steps=10, lr=1e-2, lr_end=1e-3, lr_decay_steps=4))
+    lrs = [tr.lr_at(k) for k in range(10)]
+    assert lrs[:6] == [1e-2] * 6
+    assert lrs[9] == pytest.approx(1e-3) and lrs[6] > lrs[7] > lrs[8] > lrs[9]
+    assert Trainer(_cfg(images, tmp_path / "n.pth")).lr_at(3) == 1e-2
+
+
+def test_score_on_keeps_the_best_checkpoint(images, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="mpistyle.training.train")
+    out = tmp_path / "m.pth"
+    tr = Trainer(_cfg(images, out, steps=4, checkpoint_every=2, score_on=str(CLIP), score_frames=2,
+                      score_size=48, grid_weight=1.0, vgg_pool="avg", compile="off"))
+    tr.run()
+    assert [int(r["step"]) for r in tr.scores] == [2, 4]
+    assert set(tr.scores[0]) >= {"structure", "grid", "psnr", "style_loss", "shortfall"}
+    best = model_info(str(tmp_path / "m.best.pth"))
+    assert best["scores"]["step"] == tr.best["step"]
+    assert any("held-out scores" in r.getMessage() for r in caplog.records)
+    info = model_info(str(out))
+    assert info["settings"]["grid_weight"] == 1.0 and info["settings"]["vgg_pool"] == "avg"
+    assert info["held_out_scores"]["step"] == 4
+
+
+
+def test_torch_norm_trains_the_same_weights_layout(images, tmp_path):
+    tr = Trainer(_cfg(images, tmp_path / "t.pth", steps=2, checkpoint_every=0, norm="torch"))
+    assert any(isinstance(m, torch.nn.InstanceNorm2d) for m in tr.model.modules())
+    hist = tr.run()
+    fused = Trainer(_cfg(images, tmp_path / "f.pth", steps=2, checkpoint_every=0)).run()
+    assert hist[0]["total"] == pytest.approx(fused[0]["total"], rel=1e-4)  # same network, same first loss
+    TransformerNet().load_state_dict(torch.load(tmp_path / "t.pth", weights_only=True))

@@ -99,10 +99,14 @@ class VGG19Features(nn.Module):
     """VGG-19 truncated after the deepest requested ReLU; returns {layer: activation}.
 
     Takes RGB in 0..255 (N,3,H,W) and does the caffe preprocessing itself. Parameters are frozen.
+    ``pool``: ``max`` (VGG's own) or ``avg`` (Gatys et al.'s choice for synthesis: its gradient reaches
+    all four pixels of each 2x2 window, not only the largest one).
     """
 
-    def __init__(self, layers: Sequence[str], weights_path: str | None = None) -> None:
+    def __init__(self, layers: Sequence[str], weights_path: str | None = None, pool: str = "max") -> None:
         super().__init__()
+        if pool not in ("max", "avg"):
+            raise MpistyleError(f"unknown VGG pooling '{pool}' (choose max or avg)")
         unknown = [n for n in layers if n not in VGG19_LAYERS]
         if unknown:
             raise MpistyleError(
@@ -118,7 +122,7 @@ class VGG19Features(nn.Module):
             if count > deepest:
                 break
             if item == "P":
-                mods.append(nn.MaxPool2d(2, 2))
+                mods.append(nn.MaxPool2d(2, 2) if pool == "max" else nn.AvgPool2d(2, 2))
                 self._names.append(None)
                 continue
             tag, ch = item
@@ -183,6 +187,32 @@ def tv_loss(img: torch.Tensor) -> torch.Tensor:
     dh = (img[:, :, 1:, :] - img[:, :, :-1, :]).abs().sum()
     dw = (img[:, :, :, 1:] - img[:, :, :, :-1]).abs().sum()
     return (dh + dw) / img.shape[0]
+
+
+def grid_loss(img: torch.Tensor, period: int = 4, tile: int = 64) -> torch.Tensor:
+    """The period-``period`` grid of ``img`` (N,C,H,W), in float32: per ``tile`` x ``tile`` tile and
+    channel, the high-pass (minus a ``period`` x ``period`` box mean, which holds no period-``period``
+    component) is averaged per pixel phase (y mod period, x mod period); the squared zero-mean phase
+    pattern, summed over tiles, channels and phases, mean over the batch.
+
+    The network's total stride is 4, so it can print a fixed pattern of that period cheaply, and the
+    style loss (Gram statistics of high frequencies) rewards it. Measured per tile, a grid that changes
+    across the frame is caught too (the score, :func:`mpistyle.training.scores.grid_amplitude`, is over
+    the whole frame).
+    """
+    x = img.float()
+    h, w = x.shape[-2:]
+    h, w = h - h % tile, w - w % tile
+    if h < tile or w < tile:
+        return torch.zeros((), device=img.device)
+    lo, hi = (period - 1) // 2, period // 2
+    box = F.avg_pool2d(F.pad(x, (lo, hi, lo, hi), mode="replicate"), period, stride=1)
+    hp = x[..., :h, :w] - box[..., :h, :w]
+    n, c = hp.shape[:2]
+    r = tile // period
+    t = hp.reshape(n, c, h // tile, r, period, w // tile, r, period).mean(dim=(3, 6))
+    t = t - t.mean(dim=(3, 5), keepdim=True)
+    return (t**2).sum() / n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,36 +337,44 @@ def main(args: argparse.Namespace) -> int:
         frames = [load_image(src)]
     else:
         frames = sample_video_frames(src, max(1, args.frames))
-    frames = np.stack([_resize_short(f, args.size) for f in frames])
-    style = _resize_short(style, args.size)
+    frames = np.stack([resize_short(f, args.size) for f in frames])
+    style = resize_short(style, args.size)
 
-    rows: list[tuple[str, dict[str, float]]] = [
-        ("source frames", style_content_losses(frames, style, frames))
-    ]
+    from mpistyle.training import scores
+
+    def row(out: np.ndarray) -> dict[str, float]:
+        return {**style_content_losses(out, style, frames), **scores.picture_scores(list(out), list(frames))}
+
+    rows: list[tuple[str, dict[str, float]]] = [("source frames", row(frames))]
     torch.manual_seed(args.seed)
     untrained = nets.TransformerNet().eval()
-    rows.append(
-        (
-            f"untrained TransformerNet (seed {args.seed})",
-            style_content_losses(
-                engine.Stylizer(untrained, torch.device("cpu"), "fp32")(frames), style, frames
-            ),
-        )
-    )
+    rows.append((f"untrained TransformerNet (seed {args.seed})",
+                 row(engine.Stylizer(untrained, torch.device("cpu"), "fp32")(frames))))
     specs = args.model or sorted(models.bundled_models())
     for spec in specs:
         net = models.load_model(spec)
         out = engine.Stylizer(net, torch.device("cpu"), "fp32")(frames)
-        rows.append((spec, style_content_losses(out, style, frames)))
+        rows.append((spec + (" (median3)" if getattr(net, "postfilter", "none") == "median3" else ""), row(out)))
     width = max(len(r[0]) for r in rows)
     print(f"style: {args.style}  frames: {len(frames)} of {src} at {frames.shape[2]}x{frames.shape[1]}")
-    print(f"{'':{width}}  {'style loss':>12}  {'content loss':>12}")
-    for name, d in rows:
-        print(f"{name:{width}}  {d['style']:12.4g}  {d['content']:12.4g}")
+    print(f"{'':{width}}  {'style loss':>10}  {'content loss':>12}  {'structure':>9}  {'grid':>5}  {'PSNR dB':>7}"
+          "  bars")
+    untrained_content = rows[1][1]["content"]
+    for i, (name, d) in enumerate(rows):
+        verdict = ""
+        if i >= 2:
+            ok = scores.passes(d)
+            ok["content"] = d["content"] < untrained_content
+            failed = [k for k, v in ok.items() if not v]
+            verdict = "pass" if not failed else "FAIL: " + ", ".join(failed)
+        print(f"{name:{width}}  {d['style']:10.4g}  {d['content']:12.4g}  {d['structure']:9.3f}  {d['grid']:5.2f}"
+              f"  {d['psnr']:7.2f}  {verdict}")
+    print("bars (issue 22): structure >= 0.70, grid <= 1 level (period-4 RMS), PSNR < 18 dB, "
+          "content loss below the untrained network's")
     return 0
 
 
-def _resize_short(img: np.ndarray, short: int) -> np.ndarray:
+def resize_short(img: np.ndarray, short: int) -> np.ndarray:
     import cv2
 
     h, w = img.shape[:2]
