@@ -30,10 +30,10 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_MODEL = "starry-night"
 # One line each on what a bundled style looks like (``mpistyle models``).
 DESCRIPTIONS = {
-    "starry-night": "The Starry Night (van Gogh, 1889): short swirling strokes in deep blue and yellow, "
-                    "dark outlines; the picture stays readable",
-    "great-wave": "The Great Wave off Kanagawa (Hokusai, c. 1831): a woodblock print's flat Prussian blue "
-                  "and cream with fine line work",
+    "starry-night": "The Starry Night (van Gogh, 1889): a deep blue-green night palette with fine swirling "
+                    "brush texture; the picture stays readable",
+    "great-wave": "The Great Wave off Kanagawa (Hokusai, c. 1831): a muted woodblock palette of slate blue, "
+                  "grey and cream with soft line work; the lightest touch of the three",
     "udnie": "Udnie (Picabia, 1913): cubist facets in warm greys, ochre and blue",
 }
 # Name of the extra record that save_model() adds inside torch's zip archive. torch.load ignores
