@@ -116,6 +116,11 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch", type=_batch, default=None,
                    help="frames per network call, or auto: from free GPU memory and frame size on CUDA, "
                         "1 on CPU (default auto)")
+    g.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="run the network compiled (AOTInductor, one static shape per job): rank 0 compiles once, "
+                        "or reads it from the cache of earlier jobs, and every rank runs the same package. auto "
+                        "(default): where it pays, on CPUs with native bf16, when each rank has more frames than "
+                        "the break-even; a resumed buffer keeps its choice")
     g.add_argument("--threads", type=_positive_int, default=None,
                    help="threads per rank (default SLURM_CPUS_PER_TASK, else node cores / ranks on the node)")
     g.add_argument("--chunk", type=_positive_int, default=8, help="frames per scatter message (default 8)")
@@ -125,10 +130,12 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
                         "of unequal speed; chunks start at fusion anchors and re-stylize their --halo lead frames)")
     g.add_argument("--chunks", type=_positive_int, default=None,
                    help="number of chunks for --schedule dynamic (default 4 per rank)")
-    g.add_argument("--decode", choices=("rank0", "each"), default="rank0",
-                   help="rank0 (default): rank 0 decodes the video once and sends every rank its frames; each: "
-                        "every rank decodes its own partition with a frame-exact seek (no frames over MPI; "
-                        "pays off for large frames on a shared file system; static schedule only)")
+    g.add_argument("--decode", choices=("auto", "rank0", "each"), default="auto",
+                   help="rank0: rank 0 decodes the video once and sends every rank its frames; each: every rank "
+                        "decodes its own partition with a frame-exact seek (no frames over MPI, no rank waits for "
+                        "rank 0's decoder to reach its frames; static schedule only). auto (default): each with "
+                        "the static schedule on several ranks where the input seeks (sequences, constant-rate "
+                        "mp4/mov/mkv/webm), else rank0")
     g.add_argument("--scratch", default=None,
                    help="directory for each rank's spool of source frames (default $TMPDIR)")
     g = p.add_argument_group("buffer and output")
@@ -143,9 +150,9 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crf", type=int, default=18, help="x264 quality (lower = better, default 18)")
     g.add_argument("--encode", choices=("auto", "rank0", "segments"), default="auto",
                    help="segments: every rank encodes its own frames and rank 0 joins them; rank0: one encoder on "
-                        "rank 0, in frame order; both give the same bytes for any rank count (segments: "
-                        "cut every 64 frames). auto (default): segments for H.264 outputs on more than one "
-                        "rank, else rank0")
+                        "rank 0, in frame order; each gives the same bytes for any rank count (segments: "
+                        "cut every 64 frames). auto (default): segments for H.264 outputs, so 1 rank and N ranks "
+                        "give the same file; rank0 for PNG and WebM outputs")
     g.add_argument("--report", default=None, help="write a JSON report (timings per rank, frames/s) here")
     g.add_argument("--metrics", action="store_true",
                    help="after encoding, measure the warping error (overall, at partition boundaries, interior) "
@@ -176,8 +183,8 @@ def _stylize_options(args: argparse.Namespace) -> object:
     return StylizeOptions(
         input=args.input, output=args.output, model=args.model, temporal=temporal, halo=args.halo,
         width=args.width, height=args.height, scale=args.scale, device=args.device, precision=args.precision,
-        batch=args.batch or 0, buffer=args.buffer, buffer_layout=args.buffer_layout, restart=args.restart,
-        keep_buffer=args.keep_buffer,
+        batch=args.batch or 0, compile=args.compile, buffer=args.buffer, buffer_layout=args.buffer_layout,
+        restart=args.restart, keep_buffer=args.keep_buffer,
         threads=args.threads, scratch=args.scratch, chunk=args.chunk, schedule=args.schedule,
         chunks=args.chunks or 0, crf=args.crf, encode=args.encode, decode=args.decode, report=args.report,
         progress=not args.no_progress, fps=args.fps)
@@ -311,6 +318,12 @@ STOPPABLE_COMMANDS = frozenset({"stylize", "train"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before torch loads its OpenMP runtime: idle OpenMP threads sleep instead of spinning. A rank runs
+    # the flow pool, store and encoder threads beside the network, and often shares its cores with other
+    # jobs; spinning threads then starve each other (measured here: the network 9-11x slower with 2
+    # threads on a busy 2-core machine, spinning; passive: within 25 % of 1 thread). A user's own
+    # setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # First, before torch/mpi4py/cv2 are imported (seconds): a stop signal from here on is recorded
     # and makes the run stop at once with exit 75, instead of killing a half-started rank.
     from .mpi import install_stop_handlers, pause_point, restore_default_signals

@@ -5,7 +5,9 @@ Networks are :mod:`mpistyle.nets`; files are :mod:`mpistyle.models`.
 
 from __future__ import annotations
 
+import copy
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpistyle.errors import MpistyleError
-from mpistyle.nets import TransformerNet
+from mpistyle.nets import TransformerNet, use_torch_instance_norm
 
 logger = logging.getLogger(__name__)
 
@@ -215,9 +217,102 @@ def median3(y: torch.Tensor) -> torch.Tensor:
     return p.unfold(2, 3, 1).unfold(3, 3, 1).reshape(n, c, h, w, 9).median(dim=-1).values
 
 
+# How the network runs, per device and precision (measured: README "The network's speed").
+# CPU with native bf16 (AMX, AVX512-BF16): weights and activations in bf16, channels-last, fused instance
+# norm (0.15 s against 0.38 s for bf16 autocast with torch's instance norm, 640x272, one thread).
+# CPU fp32 (640x272, one thread, side by side): torch's instance norm on NCHW 0.69 s, the fused norm on
+# channels-last 0.77 s and on NCHW 0.82 s, torch's on channels-last (0.3's path) 0.90 s. On NCHW torch's
+# norm runs as batch_norm on a view (no copy) and its statistics are one pass: it stays.
+CPU_FP32_CHANNELS_LAST = False
+CPU_FP32_NORM = "torch"
+# CUDA: autocast and channels-last with torch's instance norm, as measured on the H100 (README); the
+# fused norm is not measured on CUDA yet (channels-last instance norm is reported slower there, PyTorch
+# issue 59168), so CUDA keeps torch's until it is.
+CUDA_FUSED_NORM = False
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The numeric path of a network: every rank of a job takes the same one (frames match 1 rank).
+
+    ``cast``: weights and input in ``dtype`` (no autocast); else autocast to ``dtype`` (None: fp32).
+    ``norm``: ``fused`` (:class:`~mpistyle.nets.InstanceNorm`) or ``torch`` (``nn.InstanceNorm2d``).
+    """
+
+    dtype: torch.dtype | None
+    cast: bool
+    channels_last: bool
+    norm: str
+
+    def describe(self) -> str:
+        """A short name, e.g. ``fused-bf16-cl``, ``torch-autocast-fp16-cl``, ``fused-fp32-nchw``."""
+        prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+        mode = "" if self.cast or self.dtype is None else "autocast-"
+        return f"{self.norm}-{mode}{prec}-{'cl' if self.channels_last else 'nchw'}"
+
+
+def choose_recipe(device: torch.device, dtype: torch.dtype | None, network: str = "fused",
+                  channels_last: bool | None = None) -> Recipe:
+    """The recipe for ``device`` and the precision's ``dtype``.
+
+    ``network``: ``fused`` (mpistyle's default: the fastest measured path for the device) or ``torch``
+    (torch's instance norm under autocast, channels-last: the path of mpistyle 0.3 and of
+    fast_neural_style, the bench's baseline).
+    """
+    device = torch.device(device)
+    if network == "torch":
+        return Recipe(dtype, False, True if channels_last is None else channels_last, "torch")
+    if network != "fused":
+        raise ValueError(f"unknown network path {network!r}")
+    if device.type == "cuda":
+        norm = "fused" if CUDA_FUSED_NORM else "torch"
+        return Recipe(dtype, False, True if channels_last is None else channels_last, norm)
+    if dtype is None:
+        return Recipe(None, False, CPU_FP32_CHANNELS_LAST if channels_last is None else channels_last, CPU_FP32_NORM)
+    return Recipe(dtype, True, True if channels_last is None else channels_last, "fused")
+
+
+class FrameNet(nn.Module):
+    """A style network between uint8 frames: (N, H, W, 3) uint8 RGB -> (N, H, W, 3) uint8 RGB.
+
+    Pads to a multiple of 4 (the net halves twice and doubles twice), converts to the recipe's dtype
+    and layout, runs the net, rounds back to uint8. The compiled path compiles this whole module.
+    """
+
+    def __init__(self, net: nn.Module, recipe: Recipe, device_type: str) -> None:
+        super().__init__()
+        self.net = net
+        self.recipe = recipe
+        self.device_type = device_type
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        r = self.recipe
+        h, w = frames.shape[1], frames.shape[2]
+        # uint8 -> float: 0..255 are exact in bf16 and fp16 too
+        x = frames.permute(0, 3, 1, 2).to(r.dtype if r.cast else torch.float32)
+        ph, pw = (-h) % 4, (-w) % 4
+        if ph or pw:
+            mode = "reflect" if h > ph and w > pw else "replicate"
+            x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        x = x.contiguous(memory_format=torch.channels_last if r.channels_last else torch.contiguous_format)
+        if r.dtype is not None and not r.cast:
+            with torch.autocast(device_type=self.device_type, dtype=r.dtype):
+                y = self.net(x)
+        else:
+            y = self.net(x)
+        y = y[:, :, :h, :w].float().clamp(0, 255).round().to(torch.uint8)
+        if getattr(self.net, "postfilter", "none") == "median3":  # asked for by the model file
+            y = median3(y)
+        return y.permute(0, 2, 3, 1).contiguous()
+
+
 class Stylizer:
     """Batched, deterministic inference: (N,H,W,3) uint8 RGB -> (N,H,W,3) uint8 RGB.
 
+    The numeric path is :func:`choose_recipe`'s for the device and precision (``network="torch"``:
+    the baseline of earlier versions). :meth:`use_compiled` swaps in a compiled :class:`FrameNet` of
+    one static shape (:mod:`mpistyle.compiled`); batches of another size go through it in pieces of its
+    size, the last one padded, so every frame takes the same path.
     A model with a ``postfilter`` attribute (``"median3"``, from its file: :func:`mpistyle.models.load_model`)
     has it applied to every output frame.
 
@@ -227,20 +322,39 @@ class Stylizer:
     everything runs at once, exactly as ``__call__``.
     """
 
-    def __init__(
-        self, model: nn.Module, device: torch.device, precision: str = "auto", channels_last: bool = True
-    ) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, precision: str = "auto",
+                 channels_last: bool | None = None, network: str = "fused") -> None:
         self.device = torch.device(device)
         self.dtype = resolve_precision(precision, self.device)
-        self.channels_last = channels_last
-        self.model = model.eval().to(self.device)
-        if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.recipe = choose_recipe(self.device, self.dtype, network, channels_last)
+        self.channels_last = self.recipe.channels_last
+        net = copy.deepcopy(model).eval().to(self.device)  # the caller's model stays as it was
+        if self.recipe.norm == "torch":
+            net = use_torch_instance_norm(net)
+        if self.recipe.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        if self.recipe.cast:
+            net = net.to(self.recipe.dtype)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        self.model = net
+        self.framenet = FrameNet(net, self.recipe, self.device.type).eval()
+        self.compiled: Any = None  # a callable on (B, H, W, 3) uint8 device tensors of one shape
+        self.compiled_shape: tuple[int, ...] | None = None
         self._cuda = self.device.type == "cuda"
         self._streams = [torch.cuda.Stream(self.device) for _ in range(2)] if self._cuda else []
         self._pinned: list[tuple[torch.Tensor, torch.Tensor] | None] = [None, None]  # (in, out) per stream
         self._last: list[PendingBatch | None] = [None, None]
         self._slot = 0
+
+    @property
+    def network(self) -> str:
+        """The numeric path, for the buffer's settings and the report: e.g. ``compiled/fused-bf16-cl``."""
+        return ("compiled/" if self.compiled is not None else "") + self.recipe.describe()
+
+    def use_compiled(self, runner: Any, shape: tuple[int, ...]) -> None:
+        """From now on run frames through ``runner`` (compiled for (B, H, W, 3) uint8 ``shape``)."""
+        self.compiled, self.compiled_shape = runner, tuple(shape)
 
     def resolve_batch(self, spec: str | int | None, height: int, width: int, ranks_per_device: int = 1) -> int:
         """:func:`resolve_batch` for this stylizer's device and precision."""
@@ -296,23 +410,25 @@ class Stylizer:
 
     def _forward(self, frames: torch.Tensor) -> torch.Tensor:
         """(N, H, W, 3) uint8 on the device -> (N, H, W, 3) uint8 on the device."""
-        n, h, w, _ = frames.shape
+        n = frames.shape[0]
         if n == 0:
             return frames.clone()
-        x = frames.permute(0, 3, 1, 2).float()
-        # The net halves twice and doubles twice: pad to a multiple of 4 so the output matches.
-        ph, pw = (-h) % 4, (-w) % 4
-        if ph or pw:
-            mode = "reflect" if h > ph and w > pw else "replicate"
-            x = F.pad(x, (0, pw, 0, ph), mode=mode)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.dtype is not None:
-            with torch.autocast(device_type=self.device.type, dtype=self.dtype):
-                y = self.model(x)
-        else:
-            y = self.model(x)
-        y = y[:, :, :h, :w].float().clamp_(0, 255).round_().to(torch.uint8)
-        if getattr(self.model, "postfilter", "none") == "median3":
-            y = median3(y)
-        return y.permute(0, 2, 3, 1).contiguous()
+        shape = self.compiled_shape
+        if frames.dtype != torch.uint8:  # float RGB 0..255 (not from a video): the eager network takes it
+            return self.framenet(frames)
+        if self.compiled is None or shape is None or tuple(frames.shape[1:]) != shape[1:]:
+            if self.compiled is not None:
+                raise ValueError(f"the compiled network takes {shape[2]}x{shape[1]} frames, got "
+                                 f"{frames.shape[2]}x{frames.shape[1]}")
+            return self.framenet(frames)
+        b = shape[0]
+        if n == b:
+            return self.compiled(frames)
+        outs = []
+        for i in range(0, n, b):  # pieces of the compiled batch size; the last padded with its last frame
+            piece = frames[i:i + b]
+            k = piece.shape[0]
+            if k < b:
+                piece = torch.cat([piece, piece[-1:].expand(b - k, *piece.shape[1:])])
+            outs.append(self.compiled(piece.contiguous())[:k])
+        return torch.cat(outs)

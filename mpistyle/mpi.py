@@ -49,16 +49,23 @@ def local_rank_and_size(comm: Any) -> tuple[int, int]:
 
 def threads_per_rank(local_size: int, requested: int | None = None) -> int:
     """Cores this rank may use: explicit request, SLURM_CPUS_PER_TASK, else node cores / local ranks."""
-    if requested:
-        return max(1, requested)
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK")
-    if slurm and slurm.isdigit():
-        return max(1, int(slurm))
+    fixed = fixed_threads(requested)
+    if fixed is not None:
+        return fixed
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     return max(1, cores // max(1, local_size))
+
+
+def fixed_threads(requested: int | None = None) -> int | None:
+    """The thread count per rank when the user fixed it (``--threads``, SLURM_CPUS_PER_TASK), else None:
+    then it follows the node's cores and the rank count (:func:`threads_per_rank`)."""
+    if requested:
+        return max(1, requested)
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK")
+    return max(1, int(slurm)) if slurm and slurm.isdigit() else None
 
 
 def configure_threads(n: int) -> None:

@@ -165,6 +165,11 @@ class RankPlan:
             needed.update(range(run.first_source, run.stop))
         return sorted(needed)
 
+    def source_order(self) -> list[int]:
+        """``source_frames`` with the exported frames first, the order the network wants them in."""
+        first = sorted(self.exports)
+        return first + [t for t in self.source_frames() if t not in self.exports]
+
     def buffer_frames(self) -> list[int]:
         """Stored output frames this rank needs as exact starting states."""
         return [run.state_frame for run in self.runs if run.state_frame is not None]

@@ -16,7 +16,9 @@ from mpistyle.temporal.kernels_torch import TorchFusion
 from .conftest import DATA
 
 BIG = DATA / "bbb_640x272.mp4"
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Both devices are always collected: without a GPU the CUDA cases are reported as skipped, never left out.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a CUDA device (bin/gpu-check runs it)"))]
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,13 @@ def test_flicker_raises_the_error_and_generators_stream(carphone):
     jump = warping_errors(carphone, bright)
     assert jump[5] > clean[5] + 0.5 * (30 / 255) ** 2 and jump[6] > clean[6] + 0.5 * (30 / 255) ** 2
     assert np.allclose(np.delete(jump, [5, 6]), np.delete(clean, [5, 6]))
-    assert np.allclose(warping_errors(carphone, carphone, flow_method="farneback"), clean, rtol=1.0, atol=1e-3)
+    # Farneback is another estimate of the same motion: on the clean clip its errors match DIS's, measured
+    # (2026-12) 1.10x in the mean and 0.85-1.95x per pair, and it still tells the flicker apart (every
+    # noisy pair >= 3.6x its clean error). A wrong flow or a lost occlusion mask does not stay this close.
+    far = warping_errors(carphone, carphone, flow_method="farneback")
+    assert far.mean() == pytest.approx(clean.mean(), rel=0.25), (far.mean(), clean.mean())
+    assert np.all((far > 0.5 * clean) & (far < 2.5 * clean)), far / clean
+    assert np.all(warping_errors(carphone, noisy, flow_method="farneback") > 2 * far)
 
 
 def test_length_or_size_mismatch_is_a_user_error(carphone):

@@ -91,17 +91,37 @@ def test_temporal_metrics_split_boundary_and_interior() -> None:
     assert metrics["warping_error"] == pytest.approx(evaluate(str(BBB), str(BBB))["warping_error"])
 
 
-def test_write_plots_uses_report_data_or_computes_it(tmp_path) -> None:
+def _same_image(a, b) -> bool:
+    return bool(np.array_equal(mpimg.imread(str(a)), mpimg.imread(str(b))))
+
+
+def test_write_plots_uses_report_data_or_computes_it(tmp_path, monkeypatch) -> None:
     rep = {"ranks": 2, "halo": 10, "boundaries": [6], "per_rank": PER_RANK}
+    title = "Temporal warping error per frame pair (2 ranks, halo 10)"
     paths = report.write_plots(rep, str(CARPHONE), str(CARPHONE), str(tmp_path / "computed"))
     assert [p.rsplit("/", 1)[1] for p in paths] == list(report.PLOT_FILES)
     for p in paths:
         _png(p)
-    # With the errors in the report (as temporal_metrics returns them) nothing is recomputed:
-    # a report whose per_pair has a different length than the video proves the report's data was used.
-    rep["temporal_metrics"] = {"per_pair": [0.001, 0.002, 0.003]}
+    # Without errors in the report they are computed from the videos: the plot is the one of those errors.
+    computed = report.temporal_metrics(str(CARPHONE), str(CARPHONE), [6])["per_pair"]
+    report.plot_warping_error(computed, [6], str(tmp_path / "computed.png"), title=title)
+    assert _same_image(paths[0], tmp_path / "computed.png")
+    report.plot_timeline(PER_RANK, str(tmp_path / "timeline.png"))
+    assert _same_image(paths[1], tmp_path / "timeline.png")
+    # With the errors in the report (as temporal_metrics returns them) nothing is recomputed, and the plot
+    # is the one of the report's errors (three pairs, where the 12-frame video has eleven).
+    given = [0.001, 0.002, 0.003]
+    rep["temporal_metrics"] = {"per_pair": given}
+
+    def no_recompute(*_args, **_kwargs):
+        raise AssertionError("warping errors recomputed although the report has them")
+
+    report.plot_warping_error(given, [6], str(tmp_path / "given.png"), title=title)
+    monkeypatch.setattr(report, "temporal_metrics", no_recompute)
     paths = report.write_plots(rep, str(CARPHONE), str(CARPHONE), str(tmp_path / "given"))
     _png(paths[0])
+    assert _same_image(paths[0], tmp_path / "given.png")
+    assert not _same_image(paths[0], tmp_path / "computed.png")
 
 
 def test_plot_into_missing_directory_is_one_line(tmp_path) -> None:

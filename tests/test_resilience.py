@@ -70,6 +70,34 @@ def _frames(buffer: Path) -> np.ndarray:
         return f["frames"][...]
 
 
+def _processes_mentioning(marker: str) -> list[int]:
+    """Live processes whose command line mentions ``marker`` (a zombie's is empty: it holds no file)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if marker in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def _kill_until_gone(marker: str, timeout: float = 60) -> None:
+    """SIGKILL every process that mentions ``marker`` until none is left: a rank still alive could write to
+    the buffer after the test has read it."""
+    deadline = time.monotonic() + timeout
+    while left := _processes_mentioning(marker):
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert time.monotonic() < deadline, f"still running after SIGKILL: {left}"
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, model_args) -> dict:
     """The sample clip (75 frames) stylized in one go with 2 ranks: the reference for resumes."""
@@ -120,15 +148,15 @@ def test_resume_with_a_different_number_of_ranks(tmp_path, uninterrupted, model_
     _wait_for_frames(buffer, proc, 1)
     proc.kill()  # SIGKILL to mpiexec: no chance to clean up at all
     proc.communicate(timeout=60)
-    subprocess.run(["pkill", "-9", "-f", str(out)], check=False)  # ranks orphaned by the killed launcher
-    time.sleep(0.5)
+    _kill_until_gone(str(out))  # the ranks (and their encoders), orphaned by the killed launcher
     done_before = _done_count(buffer)
     assert 1 <= done_before < 75
     proc = _start(args, 3)
     _, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err
     frames = _frames(buffer)
-    assert min(psnr(a, b) for a, b in zip(frames, uninterrupted["frames"], strict=True)) >= 40.0
+    differ = [t for t in range(len(frames)) if not np.array_equal(frames[t], uninterrupted["frames"][t])]
+    assert not differ, [(t, psnr(frames[t], uninterrupted["frames"][t])) for t in differ]
 
 
 def test_changed_settings_do_not_reuse_the_buffer(tmp_path, model_args) -> None:
@@ -147,16 +175,14 @@ def test_changed_settings_do_not_reuse_the_buffer(tmp_path, model_args) -> None:
 
 def test_exception_on_one_rank_ends_every_rank_with_its_message(tmp_path, model_args) -> None:
     out = tmp_path / "out.mp4"
-    start = time.monotonic()
     proc = _start(["stylize", str(SAMPLE), "-o", str(out), *model_args, *HALF, "--no-progress"], 3,
                   env={"MPISTYLE_FAULT": "1:30:raise"})
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=300)  # a hang fails here (and pytest-timeout bounds the test)
     assert proc.returncode == 1
     assert "mpistyle: error: rank 1:" in err and "injected fault at frame 30" in err
     assert "Traceback" not in err
     assert not out.exists()
     assert _done_count(Path(str(out) + BUFFER_SUFFIX)) > 0  # what was computed is kept
-    assert time.monotonic() - start < 240
 
 
 def test_killed_rank_ends_the_job_without_hanging(tmp_path, model_args) -> None:
@@ -164,7 +190,8 @@ def test_killed_rank_ends_the_job_without_hanging(tmp_path, model_args) -> None:
     proc = _start(["stylize", str(SAMPLE), "-o", str(out), *model_args, *HALF, "--no-progress"], 3,
                   env={"MPISTYLE_FAULT": "2:55:kill"})
     out_text, err = proc.communicate(timeout=240)  # a hang fails here
-    assert proc.returncode != 0
+    # The launcher's status for a killed rank (MPICH: 9); never what a success, bad input or a stop returns.
+    assert proc.returncode not in (0, 2, 75), proc.returncode
     said = (out_text + err).upper()  # the launcher names the dead process and its signal
     assert "KILLED" in said or "SIGNAL 9" in said
     assert not out.exists()
@@ -177,7 +204,7 @@ def test_full_output_disk_keeps_every_frame_for_the_rerun(tmp_path, small_tmpfs,
     out = Path(small_tmpfs) / "out.mp4"
     proc = _start(["stylize", str(BBB), "-o", str(out), *model_args, "--buffer", str(buffer), "--no-progress"], 2)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode != 0
+    assert proc.returncode == 2, err  # a disk-full error is a user error (MpistyleError), as below
     last = err.strip().splitlines()[-1]
     assert "disk full" in last and "rerun to encode" in last, err
     assert not out.exists() and sorted(os.listdir(small_tmpfs)) == ["filler"]

@@ -100,7 +100,8 @@ def test_resume_with_another_rank_count_equals_one_rank(clip, reference, referen
     frames and the encoded segments (block [0, 64) was already encoded by rank 0) equal 1 rank's."""
     out = tmp_path / "resumed.mp4"
     proc = _stylize(clip, out, 2, env={"MPISTYLE_FAULT": "1:58:raise"}, check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 1, proc.stderr  # the documented status of a failure (not 2: bad input, 75: stop)
+    assert "mpistyle: error: rank 1:" in proc.stderr and "injected fault at frame 58" in proc.stderr
     with h5py.File(str(out) + ".mpistyle.h5", "r") as f:
         done = f["done"][...]
     # Rank 1 stored 38..57 before its fault at 58 (its part is committed on the way out). Rank 0's
@@ -113,3 +114,71 @@ def test_resume_with_another_rank_count_equals_one_rank(clip, reference, referen
         assert f["frames"].is_virtual and len(f["frames"].virtual_sources()) >= 3
     assert len(list(Path(str(buffer) + ".parts").glob("frames-*.h5"))) >= 3
     assert out.read_bytes() == reference_run.read_bytes()
+
+
+LONG_FRAMES = 190  # 3 ranks: [0, 64), [64, 127), [127, 190); rank 2 warms up over [54, 127), 73 frames
+
+
+@pytest.fixture(scope="module")
+def long_clip(clip, tmp_path_factory) -> Path:
+    """The pan-and-cut clip played 2.5 times: three fusion chains, and a 3-rank boundary (127) whose
+    warm-up reaches back over two ranks' frames to the chain start 54 (the longest a warm-up gets)."""
+    path = tmp_path_factory.mktemp("long") / "long.mp4"
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-stream_loop", "2", "-i", str(clip), "-frames:v",
+                    str(LONG_FRAMES), "-c:v", "libx264", "-crf", "12", "-pix_fmt", "yuv420p", str(path)], check=True)
+    assert probe(str(path)).n_frames == LONG_FRAMES
+    return path
+
+
+@pytest.fixture(scope="module")
+def long_reference(long_clip, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("long_ref") / "n1.mp4"
+    _stylize(long_clip, out, 1)
+    return out
+
+
+def _flat(order: list[list[int]]) -> list[int]:
+    return [t for first, stop in order for t in range(first, stop)]
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_long_clip_no_rank_waits_for_its_neighbours_warm_up(long_clip, long_reference, tmp_path, ranks) -> None:
+    """Issue 20, as an order of events (no timings): every rank stylizes its successor's warm-up frames
+    before anything else, and a rank's network stops for its own warm-up only once it has nothing
+    else it may stylize. Frames and file equal 1 rank's, with no extra network pass."""
+    out = tmp_path / f"n{ranks}.mp4"
+    _stylize(long_clip, out, ranks)
+    reference = _frames(Path(str(long_reference) + ".mpistyle.h5"))
+    assert np.array_equal(reference, _frames(Path(str(out) + ".mpistyle.h5")))
+    assert out.read_bytes() == long_reference.read_bytes()  # --encode auto: the same file for any rank count
+    report = json.loads(Path(str(out) + ".json").read_text())
+    per_rank = report["per_rank"]
+    assert [r["counts"]["network_frames"] for r in per_rank] == [r["frames"] for r in per_rank]
+    assert sum(r["frames"] for r in per_rank) == LONG_FRAMES
+    for r in per_rank:
+        trace = r["trace"]
+        order = _flat(trace["order"])
+        assert sorted(order) == list(range(order and min(order), order and max(order) + 1))  # each frame once
+        exports = trace["exports"]
+        assert order[:len(exports)] == exports, (r["rank"], trace["order"])
+        for wait in trace["halo_waits"]:  # the network stood still only with nothing left to stylize ahead
+            assert wait["ahead"] == wait["could"], (r["rank"], wait)
+        assert trace["ahead_limit"] >= 64 + 10 - 1  # a whole warm-up fits in the spool
+    if ranks == 3:  # the longest warm-up: rank 2 starts at 127, its chain at 54
+        assert per_rank[2]["trace"]["imports"] == list(range(54, 127))
+        assert per_rank[0]["trace"]["exports"] == list(range(54, 64))
+
+
+def test_long_clip_dynamic_schedule_hands_out_anchored_chunks(long_clip, long_reference, tmp_path) -> None:
+    """Dynamic chunks start at anchors (0, 64, 128): three chunks, each after the first warming up
+    over the 10-frame lead with its own network passes; the frames equal 1 rank's."""
+    out = tmp_path / "dyn.mp4"
+    _stylize(long_clip, out, 2, "--schedule", "dynamic", "--chunks", "3")
+    reference = _frames(Path(str(long_reference) + ".mpistyle.h5"))
+    assert np.array_equal(reference, _frames(Path(str(out) + ".mpistyle.h5")))
+    report = json.loads(Path(str(out) + ".json").read_text())
+    per_rank = report["per_rank"]
+    assert report["boundaries"] == [64, 128]
+    assert sum(r["counts"].get("chunks", 0) for r in per_rank) == 3
+    assert sum(r["counts"].get("halo_network_frames", 0) for r in per_rank) == 2 * 10
+    assert sum(r["counts"]["network_frames"] for r in per_rank) == LONG_FRAMES + 2 * 10

@@ -7,6 +7,7 @@ make seeking hard: B-frames, open GOPs, HEVC, a non-zero start time, an edit lis
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 import mpistyle
 from mpistyle.errors import MpistyleError
-from mpistyle.io import seek
+from mpistyle.io import children, seek
 from mpistyle.io.ffmpeg import _passthrough, ffmpeg_encoders, ffmpeg_exe
 from mpistyle.io.media import probe, read_all
 
@@ -77,13 +78,9 @@ def built(tmp_path_factory) -> dict[str, Path]:
     src = ["-i", str(WIDE), "-frames:v", "72", "-vf", "scale=192:80", "-an"]
     out = {"open_gop": d / "open_gop.mp4"}
     ffmpeg(*src, *OPEN_GOP, str(out["open_gop"]))
-    out["hevc"] = d / "hevc.mp4"
-    if "libx265" in ffmpeg_encoders():
-        ffmpeg(*src, "-c:v", "libx265", "-preset", "veryfast", "-x265-params",
-               "log-level=error:bframes=4:b-pyramid=1:keyint=12:min-keyint=12:open-gop=1:scenecut=0", str(out["hevc"]))
-    else:  # deep B-pyramid H.264 instead
-        ffmpeg(*src, "-c:v", "libx264", "-bf", "8", "-b_strategy", "2", "-x264-params",
-               "b-pyramid=normal:keyint=16:min-keyint=16:scenecut=0", str(out["hevc"]))
+    out["b_pyramid"] = d / "b_pyramid.mp4"  # H.264 with 8 B-frames in a pyramid: a long decode-to-display delay
+    ffmpeg(*src, "-c:v", "libx264", "-bf", "8", "-b_strategy", "2", "-x264-params",
+           "b-pyramid=normal:keyint=16:min-keyint=16:scenecut=0", str(out["b_pyramid"]))
     out["offset"] = d / "offset.mp4"  # start time 1.5 s
     ffmpeg("-i", str(out["open_gop"]), "-c", "copy", "-output_ts_offset", "1.5", str(out["offset"]))
     out["edit_list"] = d / "edit_list.mp4"  # cut mid-GOP by stream copy: an edit list hides 5 frames
@@ -96,6 +93,20 @@ def built(tmp_path_factory) -> dict[str, Path]:
     ffmpeg(*src, "-c:v", "libvpx-vp9", "-g", "12", "-crf", "40", "-b:v", "0", "-deadline", "realtime",
            "-cpu-used", "8", "-auto-alt-ref", "1", "-lag-in-frames", "8", str(out["vp9"]))
     return out
+
+
+@pytest.fixture(scope="module")
+def hevc(tmp_path_factory) -> Path:
+    """HEVC with open GOPs (CRA pictures) and a B-pyramid: libx265 is required, never replaced by H.264."""
+    assert "libx265" in ffmpeg_encoders(), (f"{ffmpeg_exe()} has no libx265 encoder: the HEVC seek case needs one "
+                                            "(imageio-ffmpeg's and Debian's ffmpeg have it)")
+    path = tmp_path_factory.mktemp("seek-hevc") / "hevc.mp4"
+    ffmpeg("-i", str(WIDE), "-frames:v", "72", "-vf", "scale=192:80", "-an", "-c:v", "libx265", "-preset", "veryfast",
+           "-x265-params", "log-level=error:bframes=4:b-pyramid=1:keyint=12:min-keyint=12:open-gop=1:scenecut=0",
+           str(path))
+    header = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True).stderr
+    assert "Video: hevc" in header, header
+    return path
 
 
 def check_windows(path: Path, exact_calls: list[tuple[int, int]], size: tuple[int, int] | None = SIZE) -> None:
@@ -119,9 +130,9 @@ def test_real_clips(path: Path, exact_calls) -> None:
     check_windows(path, exact_calls)
 
 
-@pytest.mark.parametrize("name", ["open_gop", "hevc", "offset", "edit_list", "mkv", "rotated", "vp9"])
-def test_built_clips(built: dict[str, Path], name: str, exact_calls) -> None:
-    check_windows(built[name], exact_calls)
+@pytest.mark.parametrize("name", ["open_gop", "hevc", "b_pyramid", "offset", "edit_list", "mkv", "rotated", "vp9"])
+def test_built_clips(built: dict[str, Path], name: str, exact_calls, request) -> None:
+    check_windows(request.getfixturevalue("hevc") if name == "hevc" else built[name], exact_calls)
 
 
 def test_rotated_native_size(built: dict[str, Path], exact_calls) -> None:
@@ -201,11 +212,28 @@ def test_late_landing_retries_then_falls_back(built: dict[str, Path], monkeypatc
     assert exact_calls == [(30, 6)]
 
 
-def test_closing_early_stops_ffmpeg(exact_calls) -> None:
+def test_closing_early_stops_ffmpeg(exact_calls, monkeypatch) -> None:
+    started: list[subprocess.Popen] = []
+    real = children.popen
+
+    def spy(cmd, **kwargs) -> subprocess.Popen:
+        proc = real(cmd, **kwargs)
+        started.append(proc)
+        return proc
+
     info = probe(str(WIDE))
+    monkeypatch.setattr(children, "popen", spy)
     frames = seek.decode_range(str(WIDE), 100, 30, SIZE, info=info)
     first = next(frames)
+    seeks = [p for p in started if "-ss" in p.args]
+    assert len(seeks) == 1, [p.args for p in started]
+    ffmpeg_proc = seeks[0]
+    # 29 frames (1.2 MB) are still to come through a 64 KiB pipe: ffmpeg cannot have finished by itself.
+    assert ffmpeg_proc.poll() is None
     frames.close()
+    assert ffmpeg_proc.returncode == -signal.SIGKILL  # killed and reaped by close(), not left running
+    assert ffmpeg_proc.stdout.closed
+    assert not exact_calls
     assert np.array_equal(first, read_all(str(WIDE), SIZE, info=info)[100])
 
 

@@ -38,7 +38,7 @@ from .conftest import BBB, CARPHONE, SAMPLE, run_mpistyle
 def test_segments_are_used_for_h264_outputs_on_several_ranks() -> None:
     assert uses_segments("out.mp4", 2, "auto")
     assert uses_segments("out.mp4", 8, "auto")  # CPU or GPU ranks alike: byte-identical to 1 rank either way
-    assert not uses_segments("out.mp4", 1, "auto")  # one rank: one encoder, no forced keyframes
+    assert uses_segments("out.mp4", 1, "auto")  # one rank too: the same file as N ranks (issue 20)
     assert uses_segments("out.mkv", 1, "segments")
     assert not uses_segments("out.mp4", 8, "rank0")
     assert not uses_segments("frames/%04d.png", 8, "auto")  # image sequences: rank 0 writes them

@@ -432,16 +432,25 @@ def test_slurm_usr1_during_final_encode_or_mux_completes(cluster: Cluster, tmp_p
     assert info.n_frames == N_FRAMES and info.has_audio
 
 
-def test_slurm_usr1_to_the_batch_shell_at_job_start_never_fails(cluster: Cluster, tmp_path: Path) -> None:
-    """The warning as soon as the job runs: before the launcher starts, while it starts, or while the
-    ranks start. Wherever it lands, the job saves, requeues and finishes (or simply finishes)."""
+def test_slurm_usr1_to_the_batch_shell_before_the_launcher_requeues_and_finishes(cluster: Cluster,
+                                                                                tmp_path: Path) -> None:
+    """The warning as soon as the job runs, before the script has started the launcher: the script holds
+    there (MPISTYLE_PAUSE_AT=launch) until the signal comes, so this path runs on any machine. Nothing is
+    started and nothing to save: run 1 requeues at once, run 2 does all the work. (The warning while the
+    ranks start is test_slurm_usr1_before_the_end_requeues_and_finishes[batch-startup].)"""
     out, log = tmp_path / "out.mp4", tmp_path / "job.log"
     job = cluster.submit("stylize-cpu.sbatch", str(BBB), str(out), "--no-progress",
-                         sbatch=("--ntasks=2", "--cpus-per-task=1"), log=log, env={"MPISTYLE_LAUNCHER": "srun"})
-    cluster.wait(job, states={"RUNNING", "COMPLETED", "FAILED", "CANCELLED"}, log=log)
-    cluster.run("scancel", "--batch", "--signal=USR1", job, check=False)
+                         sbatch=("--ntasks=2", "--cpus-per-task=1"), log=log,
+                         env={"MPISTYLE_LAUNCHER": "srun", "MPISTYLE_PAUSE_AT": "launch"})
+    cluster.wait_until(job, lambda: "run 1] paused at launch" in job_log(log), "the script paused before the launcher",
+                       log=log)
+    cluster.run("scancel", "--batch", "--signal=USR1", job)
     info = cluster.wait(job, log=log, timeout=WAIT_S)
     text = job_log(log)
     assert info["JobState"] == "COMPLETED", text
+    assert info["Restarts"] == "1", text
+    assert "run 1] got SIGUSR1" in text and f"run 1] stopped with work saved; requeued job {job}" in text, text
+    assert "run 1] on " not in text, text  # run 1 never started the launcher
+    assert "run 2] paused" not in text and f"run 2] done: {out}" in text, text
     assert "not requeued" not in text and "Traceback" not in text and "mpistyle: error" not in text, text
     assert probe(str(out)).n_frames == N_FRAMES

@@ -30,12 +30,12 @@ def _frames(buffer: Path) -> np.ndarray:
 def bbb_runs(tmp_path_factory, model_args) -> dict:
     """The 24-frame clip stylized as a plain process (the 1-rank reference) and with -n 1, 2, 3.
 
-    Both encode modes are covered: the plain process cuts segments (``--encode segments``), -n 1 uses one
-    encoder (``auto`` on one rank), -n 2 segments (``auto`` on several ranks), -n 3 one encoder on rank 0.
+    Both encode modes are covered: the plain process and -n 2 with the default (``auto``: segments for any
+    rank count, so both give the same file), -n 1 and -n 3 with one encoder on rank 0 (``--encode rank0``).
     """
     tmp = tmp_path_factory.mktemp("bbb")
     runs = {}
-    encode = {None: ["--encode", "segments"], 1: [], 2: [], 3: ["--encode", "rank0"]}
+    encode = {None: [], 1: ["--encode", "rank0"], 2: [], 3: ["--encode", "rank0"]}
     for ranks in (None, 1, 2, 3):
         name = f"n{ranks or 0}"
         out = tmp / f"{name}.mp4"
@@ -63,22 +63,21 @@ def test_output_keeps_frames_fps_and_audio(bbb_runs, ranks) -> None:
 
 @pytest.mark.parametrize("ranks", [1, 2, 3])
 def test_n_ranks_match_one_rank_without_seams(bbb_runs, ranks) -> None:
+    """The stylized frames in the buffer are the contract: identical to the plain process's, every one."""
     reference = _frames(bbb_runs[0]["buffer"])
     frames = _frames(bbb_runs[ranks]["buffer"])
-    per_frame = [psnr(a, b) for a, b in zip(reference, frames, strict=True)]
-    assert min(per_frame) >= 40.0, per_frame
-    # The encoded videos differ from each other less than H.264/yuv420p differs from its own input
-    # (at 128x72 chroma subsampling alone caps that near 38 dB), so no seam survives encoding.
+    differ = [t for t, (a, b) in enumerate(zip(reference, frames, strict=True)) if not np.array_equal(a, b)]
+    assert not differ, [(t, psnr(reference[t], frames[t])) for t in differ]
+    # and so are the decoded videos, whichever encode mode made them (segments for 0 and 2, rank0 for 1 and 3)
     ref_video, video = read_all(str(bbb_runs[0]["out"])), read_all(str(bbb_runs[ranks]["out"]))
-    codec_noise = min(psnr(a, b) for a, b in zip(ref_video, reference, strict=True))
-    assert min(psnr(a, b) for a, b in zip(ref_video, video, strict=True)) >= codec_noise
+    assert np.array_equal(ref_video, video)
 
 
 @pytest.mark.parametrize(("ranks", "reference"), [(2, 0), (3, 1)])
 def test_encoded_video_is_byte_identical_to_one_rank(bbb_runs, ranks, reference) -> None:
-    """Identical frames give identical bytes in either encode mode: segments cut at fixed frame indices
-    (-n 2 against the plain process with --encode segments), or one encoder in frame order (-n 3 with
-    --encode rank0 against -n 1)."""
+    """Identical frames give identical bytes in either encode mode: the default (segments cut at fixed
+    frame indices: -n 2 against the plain process, both with default options), or one encoder in frame
+    order (-n 3 against -n 1, both --encode rank0)."""
     assert bbb_runs[ranks]["out"].read_bytes() == bbb_runs[reference]["out"].read_bytes()
 
 
@@ -106,7 +105,9 @@ def test_temporal_mode_lowers_warping_error(tmp_path, bbb_runs, model_args) -> N
     run_mpistyle(["stylize", str(BBB), "-o", str(out), *model_args, "--temporal", "none"], ranks=2, check=True)
     flicker = evaluate(str(BBB), str(out))["warping_error"]
     steady = evaluate(str(BBB), str(bbb_runs[2]["out"]))["warping_error"]
-    assert steady <= 0.6 * flicker, (steady, flicker)
+    # Measured (2026-12, v0.3, bundled starry-night, 2 ranks): 0.41 (2.70e-4 against 6.67e-4). A fusion
+    # that lost a quarter of its effect, or none at all (1.0), fails.
+    assert steady <= 0.5 * flicker, (steady, flicker, steady / flicker)
 
 
 def test_silent_input_and_ntsc_rate(tmp_path, model_args) -> None:
@@ -136,7 +137,7 @@ def test_scale_option_sets_the_output_size(tmp_path, model_args) -> None:
     assert (info.width, info.height, info.n_frames) == (88, 72, 12)
 
 
-def test_dynamic_schedule_hands_out_chunks_without_seams(tmp_path, bbb_runs, model_args) -> None:
+def test_dynamic_schedule_skips_empty_chunks(tmp_path, bbb_runs, model_args) -> None:
     out = tmp_path / "dyn.mp4"
     report = tmp_path / "dyn.json"
     run_mpistyle(["stylize", str(BBB), "-o", str(out), *model_args, "--schedule", "dynamic", "--chunks", "6",

@@ -2,7 +2,7 @@
 
 Every run is a real ``mpiexec -n R ... stylize CLIP --model IDENTITY.pth --threads 1 --width W --height
 H --encode MODE [--decode MODE] --report R.json --restart`` with the identity 1x1 convolution
-(:func:`mpistyle.models.write_identity_model`) and, by default, ``--temporal none``. Per run: frames/s,
+(:func:`mpistyle.models.write_identity_model`) and, by default, stylize's own ``--temporal flow``. Per run: frames/s,
 rank 0's CPU time per frame and the bytes rank 0 received per frame.
 
 CPU time is measured outside the code under test: each rank runs through a bootstrap script
@@ -45,9 +45,10 @@ ENCODE_MODES = ("rank0", "segments")
 DECODE_MODES = ("rank0", "each")
 PREDICT_RANKS = (8, 64, 512)
 LINK_GBPS = 10.0
-# Frames of the test clip: enough that per-frame costs outweigh the fixed start and join, short
-# enough for a matrix of runs; 1080p frames cost ~9x more each.
-FRAMES_SMALL, FRAMES_LARGE = 96, 48
+# Frames of the test clip: several 64-frame fusion chains per partition at 2 ranks (warm-ups of up to
+# 73 frames then weigh what they weigh in a long video), short enough for a matrix of runs; 1080p
+# frames cost ~9x more each.
+FRAMES_SMALL, FRAMES_LARGE = 384, 128
 LARGE_PIXELS = 1280 * 720
 FRAME_HEADER_BYTES = 8  # v0.2: each gathered frame message is an int64 index, then the RGB frame
 IDENTITY_ENV = "MPISTYLE_BENCH_IDENTITY"

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import tempfile
 from typing import Any
 
@@ -28,15 +29,32 @@ from .common import (
     positive_int,
 )
 from .format import format_report
-from .measure import measure_flow, measure_forward, measure_fusion
+from .measure import NETWORK_SIZES, NETWORK_THREADS, measure_flow, measure_forward, measure_fusion, measure_networks
 from .pipeline import encode_jobs, measured_costs, overhead_breakdown, rank0_cost, run_pipeline, summarize, work_seconds
 from .scaling import encode_projection, scaling_model
 
 logger = logging.getLogger(__name__)
 
-def _targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
+def _targets(summary: dict[str, Any], forward: dict[str, Any] | None = None,
+             one: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     out = [{"name": "pipeline/forward (1 rank, work_s)", "kind": "max", "target": TARGETS["ratio"],
             "value": summary["ratio"], "met": summary["ratio"] <= TARGETS["ratio"]}]
+    if forward is not None and one is not None and forward.get("eager_per_frame_s"):
+        rep = one["report"]
+        net = sum(p["times_s"].get("network", 0.0) for p in rep["per_rank"])
+        n = sum((p["counts"] or {}).get("network_frames", 0) for p in rep["per_rank"])
+        if n:
+            ratio = net / n / forward["eager_per_frame_s"]
+            out.append({"name": "stylize network s/frame / 0.3 eager forward", "kind": "max",
+                        "target": TARGETS["network_vs_eager"], "value": ratio,
+                        "met": ratio <= TARGETS["network_vs_eager"]})
+        frames = int(rep["frames"])
+        if frames == forward["frames"]:  # the whole clip was timed: decode + eager forward of every frame
+            budget = forward["decode_s"] + frames * forward["eager_per_frame_s"]
+            ratio = one["process_s"] / budget
+            out.append({"name": f"1-rank stylize process / (decode + 0.3 eager forward), {frames} frames",
+                        "kind": "max", "target": TARGETS["process_vs_decode_eager"], "value": ratio,
+                        "met": ratio <= TARGETS["process_vs_decode_eager"]})
     two = next((r for r in summary["runs"] if r["ranks"] == 2), None)
     if two is not None:
         out.append({"name": "2-rank speed-up (wall_s)", "kind": "min", "target": TARGETS["speedup_2"],
@@ -61,12 +79,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cut the clip to its first N frames first (default: the whole clip); --ceiling: "
                              f"frames of every test clip (default {ceiling.FRAMES_SMALL} up to 720p, "
                              f"{ceiling.FRAMES_LARGE} above)")
+    parser.add_argument("--forward-frames", type=positive_int, default=None, metavar="K",
+                        help="time the bare forward pass on the first K frames only (default: every frame of the "
+                             "clip; a long clip's pipeline runs need not wait for as many bare passes)")
     parser.add_argument("-m", "--model", default=None,
                         help="bundled model name or .pth file (default: the bundled default)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="network precision, as for stylize (default auto)")
     parser.add_argument("--device", default="auto",
                         help="auto (the local GPU if any, else CPU; default), cpu, cuda or cuda:N")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="stylize --compile for the pipeline runs; the forward pass takes the path the 1-rank "
+                             "run takes (default auto)")
     parser.add_argument("--repeat", type=positive_int, default=1, metavar="R",
                         help="repeat each measurement R times and keep the fastest (default 1)")
     parser.add_argument("--compare-frames", type=positive_int, default=4, metavar="K",
@@ -87,6 +111,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="end-to-end frames/s of one GPU rank, for how many GPU ranks fit under rank 0's "
                              f"measured ceiling (default {GPU_RANK_FPS:.0f})")
     parser.add_argument("--mpiexec", default=None, help="MPI launcher (default: the environment's mpiexec)")
+    parser.add_argument("--launcher-args", type=shlex.split, default=[], metavar="ARGS",
+                        help="more launcher options for the pipeline runs, e.g. --launcher-args='-bind-to core' "
+                             "(MPICH): every rank, with its flow, encoder and decoder threads, on a core of its own, "
+                             "as on a cluster node; unbound, one rank's helper threads use the idle cores")
+    g = parser.add_argument_group(
+        "network paths",
+        "The network alone, per frame, on CPU: eager (torch's instance norm under autocast: mpistyle 0.3), fused "
+        "(mpistyle's eager path), compiled (the package stylize --compile runs; compiled here once, then from "
+        "the cache) and openvino (where it is installed), each with its PSNR against fp32 eager. Part of every "
+        "bench run; --networks runs it alone.")
+    g.add_argument("--networks", action="store_true", help="measure the network paths only (no pipeline runs)")
+    g.add_argument("--network-sizes", type=_sizes_or_none, default=",".join(f"{w}x{h}" for w, h in NETWORK_SIZES),
+                   metavar="WxH[,WxH]", help="frame sizes of the network table (default 640x272,1280x720; none: "
+                                             "no table)")
+    g.add_argument("--network-threads", type=parse_rank_counts, default=list(NETWORK_THREADS), metavar="T1,T2",
+                   help="torch threads of the network table (default 1,2)")
+    g.add_argument("--network-frames", type=positive_int, default=3, metavar="K",
+                   help="frames per timed round in the network table (default 3)")
+    g.add_argument("--no-openvino", action="store_true", help="leave OpenVINO out of the network table")
     g = parser.add_argument_group(
         "pipeline ceiling (--ceiling)",
         "Real stylize runs with an identity 1x1 network, so the pipeline's own cost shows: frames/s, rank 0's "
@@ -104,8 +147,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="--ceiling: also run every job on a clip K times longer and report rank 0's marginal CPU "
                         "per frame between the two (what a long video costs per frame, without fixed costs); "
                         "the ratios and the scaling model then use it")
-    g.add_argument("--ceiling-temporal", choices=("none", "flow"), default="none",
-                   help="stylize --temporal in the ceiling runs (default none: no flow, no fusion)")
+    g.add_argument("--ceiling-temporal", choices=("none", "flow"), default="flow",
+                   help="stylize --temporal in the ceiling runs (default flow, stylize's default: warm-ups and "
+                        "their flow and fusion on the critical path; none: no flow, no fusion)")
     g.add_argument("--baseline", default=None, metavar="SRC",
                    help="also run the source tree SRC (its root, holding mpistyle/), first on PYTHONPATH")
     g.add_argument("--baseline-ref", default=None, metavar="REF",
@@ -136,6 +180,10 @@ def _sizes(text: str) -> str:
         return ",".join(f"{w}x{h}" for w, h in ceiling.parse_sizes(text))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _sizes_or_none(text: str) -> str:
+    return "none" if text.strip().lower() == "none" else _sizes(text)
 
 
 def _positive_float(text: str) -> float:
@@ -174,6 +222,8 @@ def main(args: argparse.Namespace) -> int:
                             "itself")
     if args.ceiling:
         return _main_ceiling(args)
+    if args.networks:
+        return _main_networks(args)
     args.ranks = sorted(set(args.ranks or [1, 2]) | {1})  # speed-ups are relative to the 1-rank run
     args.encode = args.encode or "both"
     if "," in args.encode:
@@ -204,7 +254,8 @@ def main(args: argparse.Namespace) -> int:
         def pipelines(_: int) -> None:  # one round of pipeline runs after each forward pass
             for n, mode in jobs:
                 run = run_pipeline(mpiexec, n, clip, model_path, threads, args.precision, args.device, tmp,
-                                   extra=("--encode", mode))
+                                   extra=("--encode", mode, "--compile", args.compile),
+                                   launcher_args=args.launcher_args)
                 run["encode"] = mode
                 key = str(n) if primary[n] == mode else f"{n}-{mode}"
                 repeats.setdefault(key, []).append(
@@ -219,12 +270,14 @@ def main(args: argparse.Namespace) -> int:
                     remove_quietly(run["output"])
 
         logger.info("forward pass: %d frames at %dx%d", info.n_frames, info.width, info.height)
-        forward = measure_forward(clip, model_path, args.device, args.precision, threads, info.n_frames,
+        forward_frames = min(info.n_frames, args.forward_frames or info.n_frames)
+        forward = measure_forward(clip, model_path, args.device, args.precision, threads, forward_frames,
                                   repeat=args.repeat, compare_frames=args.compare_frames,
-                                  after_pass=pipelines)
+                                  after_pass=pipelines, compile=args.compile)
         logger.info("flow alone: %d pairs at 1 thread and at %d threads", args.flow_pairs, cpus)
         flow = measure_flow(clip, cpus, pairs=args.flow_pairs)
         fusion = measure_fusion(clip, args.device)
+        networks = _networks(args, video, model_path)
         runs = {n: by_mode[mode][n] for n, mode in primary.items()}
         if args.plots:
             from ..report import write_plots
@@ -233,6 +286,8 @@ def main(args: argparse.Namespace) -> int:
                 write_plots(run["report"], clip, run["output"], os.path.join(args.plots, f"ranks-{n}"))
         summary = summarize(forward, runs)
         measured = measured_costs(summary, runs)
+        if flow["threads_1"]["pairs_per_s"] > 0:  # a warm-up step's flow: one pair on a free core (the run's
+            measured["flow_s"] = 1.0 / flow["threads_1"]["pairs_per_s"]  # pool clock overlaps the network)
         costs = {mode: rank0_cost(mode_runs[max(mode_runs)]["report"], mode)
                  for mode, mode_runs in by_mode.items()}  # the largest run: rank 0 serves the most ranks
         result: dict[str, Any] = {
@@ -246,13 +301,15 @@ def main(args: argparse.Namespace) -> int:
             "device": args.device,
             "precision": forward["precision"],
             "threads_per_rank": threads,
+            "launcher_args": args.launcher_args,
             "host": {"cpus": cpus, "load_start": load_start, "load_end": load_average()},
             "forward": forward,
             "flow": flow,
             "fusion": fusion,
+            "networks": networks,
             "summary": summary,
             "overhead_1rank": overhead_breakdown(forward["per_frame_s"], runs[1]["report"]),
-            "targets": _targets(summary),
+            "targets": _targets(summary, forward, runs[1]),
             "measured": measured,
             "scaling": scaling_model(measured, SCALING_RANKS, frames=args.long_frames),
             "encode": args.encode,
@@ -272,6 +329,42 @@ def main(args: argparse.Namespace) -> int:
             logger.warning("the %d-rank run used %s but the forward pass %s", n,
                            run["report"].get("precision"), forward["precision"])
     print(format_report(result))
+    write_result(args.json, result)
+    return 0
+
+
+def _networks(args: argparse.Namespace, video: str, model_path: str) -> dict[str, Any] | None:
+    if args.network_sizes == "none":
+        return None
+    if args.device not in ("auto", "cpu") or (args.device == "auto" and _cuda_available()):
+        return None  # the table is the CPU's
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.network_sizes.split(",")]
+    logger.info("network paths at %s, %s thread(s)", args.network_sizes, ",".join(map(str, args.network_threads)))
+    return measure_networks(video, model_path, sizes, args.network_threads, frames=args.network_frames,
+                            repeat=max(3, args.repeat), openvino=not args.no_openvino)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _main_networks(args: argparse.Namespace) -> int:
+    """``mpistyle bench --networks``: the network-paths table alone."""
+    from ..models import resolve_model
+    from .format import format_networks
+
+    check_writable(args.json, "JSON result")
+    video = args.video or default_video()
+    model_path = resolve_model(args.model)
+    networks = _networks(args, video, model_path)
+    if networks is None:
+        raise MpistyleError("--networks measures the CPU paths at --network-sizes: run it with --device cpu")
+    result = {"mpistyle": __version__, "video": video, "model": model_path, "networks": networks,
+              "host": {"cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                       "load_start": load_average()}}
+    print(format_networks(result))
     write_result(args.json, result)
     return 0
 

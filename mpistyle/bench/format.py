@@ -37,7 +37,9 @@ def format_report(result: dict[str, Any]) -> str:
         "",
         f"network forward (pure, 1 frame/call, {fwd['frames']} frames after {fwd['warmup_calls']} warm-up "
         f"calls): {fwd['per_frame_s']:.4f} s/frame (median {fwd['median_s']:.4f}, min {fwd['min_s']:.4f}; "
-        f"CPU {fwd['cpu_per_frame_s']:.4f} s/frame)",
+        f"CPU {fwd['cpu_per_frame_s']:.4f} s/frame), network {fwd.get('network', '-')}; mpistyle 0.3's eager "
+        f"path beside it: {fmt(fwd.get('eager_per_frame_s'), '.4f')} s/frame; decoding the {fwd['frames']} "
+        f"frames: {fmt(fwd.get('decode_s'), '.2f')} s",
         f"{chk['reduced']} vs fp32 on {chk['frames']} real frames: max abs diff {chk['max_abs_diff']}/255, "
         f"mean {chk['mean_abs_diff']:.4f}, PSNR min {fmt(chk['psnr_min_db'], '.1f')} dB "
         f"(fp32 {chk['fp32_s_per_frame']:.3f} s/frame, {chk['reduced']} "
@@ -45,6 +47,7 @@ def format_report(result: dict[str, Any]) -> str:
         "",
         _flow_line(result),
         _fusion_line(result),
+        *_network_lines(result),
         "",
         "pipeline (mpiexec -n N mpistyle stylize; s/frame: process = launcher clock, wall = report wall_s "
         "incl. setup, work = wall_s - setup_s):",
@@ -53,11 +56,12 @@ def format_report(result: dict[str, Any]) -> str:
              fmt(r["setup_s"], ".1f"), fmt(r["work_s"], ".1f"), fmt(r["s_per_frame_process"], ".4f"),
              fmt(r["s_per_frame_wall"], ".4f"), fmt(r["s_per_frame_work"], ".4f"),
              fmt(r["speedup"], ".2f") + "x", fmt(r["efficiency"], ".2f"),
-             fmt(r["speedup_wall"], ".2f") + "x", fmt(r["cpu_s"], ".1f"),
+             fmt(r["speedup_wall"], ".2f") + "x", fmt(r["speedup_process"], ".2f") + "x",
+             fmt(r["wait_halo_max_fraction"] * 100, ".1f") + "%", fmt(r["cpu_s"], ".1f"),
              f"{r['load_before']}/{r['load_after']}"]
             for r in summ["runs"]]
     lines += table(["ranks", "process_s", "wall_s", "setup_s", "work_s", "s/f proc", "s/f wall", "s/f work",
-                     "speedup", "eff", "speedup(wall)", "cpu_s", "load"], rows)
+                     "speedup", "eff", "speedup(wall)", "speedup(proc)", "wait_halo max", "cpu_s", "load"], rows)
     lines += ["", f"pipeline/forward at 1 rank: {summ['ratio']:.3f} (work_s), {summ['ratio_wall']:.3f} "
                   f"(wall_s), {summ['ratio_process']:.3f} (process); work_s / network time in the same run: "
                   f"{fmt(summ['ratio_in_run'])}"]
@@ -149,3 +153,48 @@ def _fusion_line(result: dict[str, Any]) -> str:
         return "fusion alone: not measured"
     return (f"fusion alone (warp + blend, {fusion['frames']} frames): NumPy/OpenCV {fusion['numpy_ms']:.2f} ms/frame, "
             f"torch on {fusion['device']} {fusion['torch_ms']:.2f} ms/frame")
+
+
+PATH_NAMES = {"eager": "eager (0.3)", "fused": "fused", "compiled": "compiled", "openvino": "openvino"}
+
+
+def format_networks(result: dict[str, Any]) -> str:
+    """``mpistyle bench --networks``: the network-paths table with its heading."""
+    return "\n".join([f"mpistyle bench --networks: {result['video']}, model {os.path.basename(result['model'])}, "
+                      f"{result['host']['cpus']} CPUs, load (1 min) {result['host']['load_start']}",
+                      *_network_lines(result)])
+
+
+def _network_lines(result: dict[str, Any]) -> list[str]:
+    """Per size and thread count: s/frame of each network path, ratio to eager, PSNR against fp32 eager."""
+    nets = result.get("networks")
+    if not nets:
+        return []
+    names = [n for n in PATH_NAMES if any(n in r["paths"] for r in nets["rows"])]
+    lines = ["", f"network paths on CPU ({nets['precision']}; s/frame, fastest of {nets['repeat']} rounds of "
+                 f"{nets['frames']} frames, paths side by side; x = ratio to eager; dB = PSNR against fp32 eager):"]
+    rows = []
+    for r in nets["rows"]:
+        cells = [f"{r['width']}x{r['height']}", str(r["threads"])]
+        for n in names:
+            p = r["paths"].get(n)
+            cells.append("-" if p is None else
+                         f"{p['s_per_frame']:.3f} ({p['ratio']:.2f}x, {fmt(p['psnr_db'], '.1f')} dB)")
+        rows.append(cells)
+    lines += table(["size", "threads", *(PATH_NAMES[n] for n in names)], rows)
+    seen = set()
+    for r in nets["rows"]:
+        key = (r["width"], r["height"])
+        if key in seen:
+            continue
+        seen.add(key)
+        c = r["setup"].get("compiled", {})
+        o = r["setup"].get("openvino")
+        text = (f"  {key[0]}x{key[1]}: compiled package: cache {c.get('cache', '-')}"
+                + (f", compiled in {c['compile_s']:.0f} s" if c.get("compile_s") else "")
+                + (f", failed: {c['error']}" if c.get("error") else ""))
+        if o:
+            text += (f"; openvino {o.get('version', '')} converted in {fmt(o.get('convert_s'), '.1f')} s, "
+                     f"{o.get('precision', '')}" if "error" not in o else f"; openvino: {o['error']}")
+        lines.append(text)
+    return lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -13,16 +14,20 @@ import numpy as np
 from ..errors import MpistyleError
 from .common import load_average
 
+logger = logging.getLogger(__name__)
+
 
 def measure_forward(video: str, model_path: str, device: str, precision: str, threads: int, frames: int,
                     repeat: int = 1, compare_frames: int = 4, warmup: int = 2,
-                    after_pass: Callable[[int], None] | None = None) -> dict[str, Any]:
+                    after_pass: Callable[[int], None] | None = None, compile: str = "off") -> dict[str, Any]:
     """Per-frame network time on the first ``frames`` decoded frames, and reduced vs fp32 precision.
 
     ``after_pass(i)`` runs after timed pass ``i`` (the bench runs the pipelines there, so forward
     and pipeline measurements interleave and share the machine's slow and fast moments).
-    Returns ``{"per_frame_s" (mean of the fastest pass), "median_s", "min_s", "max_s", "frames",
-    "passes": [mean per pass], "precision", "precision_check": {...}}``.
+    ``compile``: as stylize's ``--compile`` for a 1-rank job on this clip (the network path the 1-rank
+    pipeline run takes). Returns ``{"per_frame_s" (mean of the fastest pass), "median_s", "min_s",
+    "max_s", "frames", "passes": [mean per pass], "precision", "network", "eager_per_frame_s",
+    "decode_s", "precision_check": {...}}``.
     """
     import torch
 
@@ -36,36 +41,54 @@ def measure_forward(video: str, model_path: str, device: str, precision: str, th
     dev = torch.device(select_device(device, 0))
     model = load_model(model_path, dev)
     stylizer = Stylizer(model, device=dev, precision=precision)
+    if compile != "off":
+        _use_compiled_if(stylizer, compile, video, threads)
+    # mpistyle 0.3's path (torch's instance norm under autocast), timed frame by frame beside it
+    baseline = Stylizer(model, device=dev, precision=precision, network="torch")
     dtype = resolve_precision(precision, dev)
     keep = set(np.linspace(0, frames - 1, max(1, min(compare_frames, frames))).round().astype(int).tolist())
     kept: list[np.ndarray] = []
     passes: list[list[float]] = []
+    base_passes: list[list[float]] = []
+    decode_passes: list[float] = []  # seconds to decode the frames (the stream's own time)
     cpu: list[float] = []  # CPU seconds per timed call: wall >> cpu means other jobs took the core
     load_before = load_average()
     for p in range(max(1, repeat)):
         times: list[float] = []
+        base_times: list[float] = []
+        decode = 0.0
         stream = iter_frames(video)
         try:
+            t_decode = time.perf_counter()
             for t, frame in enumerate(stream):
+                decode += time.perf_counter() - t_decode
                 if t >= frames:
                     break
                 batch = frame[None]
                 if t == 0 and p == 0:
                     for _ in range(warmup):  # first calls build the oneDNN/cuDNN kernels
                         stylizer(batch)
+                        baseline(batch)
                 sync(dev)
                 start, cpu_start = time.perf_counter(), time.process_time()
                 stylizer(batch)
                 sync(dev)
                 times.append(time.perf_counter() - start)
                 cpu.append(time.process_time() - cpu_start)
+                start = time.perf_counter()
+                baseline(batch)
+                sync(dev)
+                base_times.append(time.perf_counter() - start)
                 if p == 0 and t in keep:
                     kept.append(frame)
+                t_decode = time.perf_counter()
         finally:
             stream.close()
         if not times:
             raise MpistyleError(f"{video}: no frames to time")
         passes.append(times)
+        base_passes.append(base_times)
+        decode_passes.append(decode)
         if after_pass is not None:
             after_pass(p)
     best_index = min(range(len(passes)), key=lambda i: float(np.mean(passes[i])))
@@ -80,6 +103,10 @@ def measure_forward(video: str, model_path: str, device: str, precision: str, th
         "min_s": float(np.min(best)),
         "max_s": float(np.max(best)),
         "passes": [float(np.mean(ts)) for ts in passes],
+        "network": stylizer.network,
+        # mpistyle 0.3's network (torch's instance norm under autocast), interleaved frame by frame
+        "eager_per_frame_s": min(float(np.mean(ts)) for ts in base_passes),
+        "decode_s": min(decode_passes),  # decoding the timed frames in this process (fastest pass)
         "cpu_per_frame_s": float(np.mean(best_cpu)),
         "precision": _dtype_name(dtype),
         "threads": threads,
@@ -90,9 +117,25 @@ def measure_forward(video: str, model_path: str, device: str, precision: str, th
     if not kept:  # the video had fewer frames than announced
         raise MpistyleError(f"{video}: no frames to compare precisions on")
     result["precision_check"] = _compare_precision(model, dev, dtype, np.stack(kept), psnr)
-    del stylizer, model
+    del stylizer, baseline, model
     gc.collect()
     return result
+
+
+def _use_compiled_if(stylizer: Any, option: str, video: str, threads: int) -> None:
+    """Give ``stylizer`` the compiled package where a 1-rank ``stylize --compile option`` would use it."""
+    from ..compiled import decide, is_transformer, load_package, obtain_package
+    from ..io.media import probe
+
+    info = probe(video)
+    shape = (1, info.height, info.width, 3)
+    on, why = decide(option, stylizer.device, info.n_frames, info.height, info.width, threads,
+                     transformer=is_transformer(stylizer))
+    if on:
+        data, _ = obtain_package(stylizer, shape)
+        if data is not None:
+            stylizer.use_compiled(load_package(data, stylizer.device), shape)
+    logger.info("forward pass: network %s (%s)", stylizer.network, why)
 
 
 def sync(dev: Any) -> None:
@@ -208,3 +251,132 @@ def measure_fusion(video: str, device: str, frames: int = 8, repeat: int = 3) ->
             best = min(best, (time.perf_counter() - start) / len(pairs))
         out[f"{name}_ms"] = best * 1e3
     return out
+
+
+NETWORK_SIZES = ((640, 272), (1280, 720))
+NETWORK_THREADS = (1, 2)
+
+
+def measure_networks(video: str, model_path: str, sizes: Any = NETWORK_SIZES, threads: Any = NETWORK_THREADS,
+                     frames: int = 3, repeat: int = 3, openvino: bool = True) -> dict[str, Any]:
+    """Network time per frame of each path, side by side in this process, on CPU, per size and thread count.
+
+    Paths: ``eager`` (torch's instance norm under bf16 autocast, channels-last: mpistyle 0.3 and
+    fast_neural_style), ``fused`` (mpistyle's eager recipe), ``compiled`` (the AOTInductor package a
+    stylize job runs; from the cache, else compiled here, which is timed) and ``openvino`` (torch's
+    network converted by OpenVINO, its default bf16 on AMX; only where ``openvino`` is installed). Each
+    figure: the fastest of ``repeat`` rounds of the mean over ``frames`` real frames, the paths taking
+    turns within each round. Beside it, the PSNR of the output against fp32 eager.
+    """
+    import torch
+
+    from ..compiled import load_package, obtain_package
+    from ..engine import Stylizer, resolve_precision
+    from ..io.media import iter_frames
+    from ..metrics import psnr
+    from ..models import load_model
+    from ..mpi import configure_threads
+
+    dev = torch.device("cpu")
+    model = load_model(model_path, dev)
+    precision = "bf16" if resolve_precision("auto", dev) is not None else "fp32"
+    out: dict[str, Any] = {"precision": precision, "frames": frames, "repeat": repeat, "rows": []}
+    for width, height in sizes:
+        stream = iter_frames(video, size=(width, height))
+        try:
+            clip = np.stack([f for _, f in zip(range(frames), stream, strict=False)])
+        finally:
+            stream.close()
+        shape = (1, height, width, 3)
+        paths: dict[str, Any] = {
+            "eager": Stylizer(model, dev, precision, network="torch"),
+            "fused": Stylizer(model, dev, precision),
+        }
+        compiled = Stylizer(model, dev, precision)
+        data, info = obtain_package(compiled, shape)
+        setup: dict[str, Any] = {"compiled": info}
+        if data is not None:
+            compiled.use_compiled(load_package(data, dev), shape)
+            paths["compiled"] = compiled
+        if openvino:
+            runner, ov_info = _openvino_runner(model, clip[:1])
+            setup["openvino"] = ov_info
+            if runner is not None:
+                paths["openvino"] = runner
+        reference = Stylizer(model, dev, "fp32", network="torch")
+        configure_threads(max(threads))
+        want = [reference(f[None])[0] for f in clip]
+        for n_threads in threads:
+            configure_threads(n_threads)
+            if "openvino" in paths:
+                paths["openvino"].set_threads(n_threads)
+            best = {name: math.inf for name in paths}
+            outs: dict[str, list[np.ndarray]] = {}
+            for name, run in paths.items():  # warm-up (first calls build kernels) and the outputs
+                run(clip[:1])
+                outs[name] = [run(f[None])[0] for f in clip]
+            for _ in range(max(1, repeat)):
+                for name, run in paths.items():
+                    start = time.perf_counter()
+                    for f in clip:
+                        run(f[None])
+                    best[name] = min(best[name], (time.perf_counter() - start) / len(clip))
+            row: dict[str, Any] = {"width": width, "height": height, "threads": n_threads, "paths": {}}
+            for name in paths:
+                dbs = [psnr(a, b) for a, b in zip(want, outs[name], strict=True)]
+                finite = [d for d in dbs if math.isfinite(d)]
+                row["paths"][name] = {"s_per_frame": best[name], "psnr_db": min(finite) if finite else None,
+                                      "ratio": best[name] / best["eager"]}
+            row["setup"] = setup
+            out["rows"].append(row)
+            logger.info("network %dx%d, %d thread(s): %s", width, height, n_threads,
+                        ", ".join(f"{k} {v['s_per_frame']:.3f} s" for k, v in row["paths"].items()))
+    return out
+
+
+class _OpenVinoRunner:
+    """OpenVINO's CPU plugin on torch's network (instance norms become MVN), frames in and out as uint8."""
+
+    def __init__(self, core: Any, ov_model: Any) -> None:
+        self.core, self.ov_model, self.threads, self.request = core, ov_model, 0, None
+
+    def set_threads(self, n: int) -> None:
+        if n != self.threads:
+            compiled = self.core.compile_model(self.ov_model, "CPU", {"INFERENCE_NUM_THREADS": n,
+                                                                     "PERFORMANCE_HINT": "LATENCY"})
+            self.request, self.threads = compiled.create_infer_request(), n
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        if self.request is None:
+            self.set_threads(1)
+        x = np.ascontiguousarray(frames.transpose(0, 3, 1, 2), dtype=np.float32)
+        self.request.infer({0: x})
+        y = self.request.get_output_tensor(0).data
+        return np.clip(np.round(y), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1).copy()
+
+
+def _openvino_runner(model: Any, example: np.ndarray) -> tuple[Any, dict[str, Any]]:
+    """(runner or None, info) for OpenVINO, if it is installed."""
+    try:
+        import openvino
+    except ImportError:
+        return None, {"error": "openvino is not installed"}
+    import copy
+
+    import torch
+
+    from ..nets import use_torch_instance_norm
+
+    start = time.perf_counter()
+    try:
+        net = use_torch_instance_norm(copy.deepcopy(model)).float().eval()
+        x = torch.from_numpy(example).permute(0, 3, 1, 2).float()
+        ov_model = openvino.convert_model(net, example_input=x)
+        ov_model.reshape(list(x.shape))  # one static shape, as the compiled path
+        runner = _OpenVinoRunner(openvino.Core(), ov_model)
+        runner.set_threads(1)
+    except Exception as exc:  # noqa: BLE001 - a bench figure, not a failure
+        return None, {"error": str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}
+    precision = str(runner.request.get_compiled_model().get_property("INFERENCE_PRECISION_HINT"))
+    return runner, {"version": openvino.get_version(), "convert_s": time.perf_counter() - start,
+                    "precision": precision}

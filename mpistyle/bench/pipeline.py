@@ -15,18 +15,20 @@ from typing import Any
 import numpy as np
 
 from ..errors import MpistyleError
+from ..partition import DEFAULT_ANCHOR_EVERY
 from .common import ENCODE_MODES, MAIN_PHASES, load_average
 
 logger = logging.getLogger(__name__)
 
 def run_pipeline(mpiexec: str, ranks: int, clip: str, model_path: str, threads: int, precision: str,
-                 device: str, directory: str, extra: Sequence[str] = ()) -> dict[str, Any]:
-    """One ``mpiexec -n ranks ... stylize`` run; returns its report plus the launcher's clock."""
+                 device: str, directory: str, extra: Sequence[str] = (),
+                 launcher_args: Sequence[str] = ()) -> dict[str, Any]:
+    """One ``mpiexec -n ranks [launcher_args] ... stylize`` run; returns its report plus the launcher's clock."""
     tag = f"n{ranks}-{time.monotonic_ns()}"
     out = os.path.join(directory, f"out-{tag}.mp4")
     report_path = os.path.join(directory, f"report-{tag}.json")
-    cmd = [mpiexec, "-n", str(ranks), sys.executable, "-m", "mpistyle", "-q", "stylize", clip, "-o", out,
-           "--model", model_path, "--threads", str(threads), "--precision", precision, "--device", device,
+    cmd = [mpiexec, "-n", str(ranks), *launcher_args, sys.executable, "-m", "mpistyle", "-q", "stylize", clip,
+           "-o", out, "--model", model_path, "--threads", str(threads), "--precision", precision, "--device", device,
            "--report", report_path, "--no-progress", *extra]
     logger.info("running %s", " ".join(cmd))
     load_before = load_average()
@@ -85,6 +87,8 @@ def summarize(forward: dict[str, Any], runs: dict[int, dict[str, Any]]) -> dict[
         speedup, speedup_wall = t1_work / work, t1_wall / wall
         phases = _phase_sums(rep)
         network = [p["times_s"].get("network", 0.0) for p in phases]
+        # issue 20: the share of its work time a rank's main thread waited for warm-up frames
+        halo_waits = [p["times_s"].get("wait_halo", 0.0) / work for p in phases]
         rows.append({
             "ranks": n,
             "frames": frames,
@@ -101,6 +105,8 @@ def summarize(forward: dict[str, Any], runs: dict[int, dict[str, Any]]) -> dict[
             "efficiency": speedup / n,
             "speedup_wall": speedup_wall,
             "efficiency_wall": speedup_wall / n,
+            "speedup_process": runs[1]["process_s"] / run["process_s"],  # the whole process, launch included
+            "wait_halo_max_fraction": max(halo_waits, default=0.0),
             "network_fraction": float(np.mean(network)) / work if network else None,
             "load_before": run.get("load_before"),
             "load_after": run.get("load_after"),
@@ -159,6 +165,9 @@ def measured_costs(summary: dict[str, Any], runs: dict[int, dict[str, Any]]) -> 
         "frames_measured": frames,
         "frame_bytes": int(one["width"]) * int(one["height"]) * 3,
         "network_s": float(summary["forward_s_per_frame"]),
+        # everything one rank spends per frame on a core of its own: the 1-rank run's work time per frame
+        # (the helper threads' clocks below overlap it and each other, so they do not add up)
+        "rank_s": float(row1["work_s"]) / frames,
         "flow_s": times.get("flow", 0.0) / max(frames - 1, 1),
         "fuse_s": times.get("fuse", 0.0) / frames,
         "send_s": times.get("send", 0.0) / frames,
@@ -168,6 +177,8 @@ def measured_costs(summary: dict[str, Any], runs: dict[int, dict[str, Any]]) -> 
         "root_cpu_s": max(root_cpu, 0.0),
         "startup_s": startup,  # launch + imports + setup
         "halo": int(one.get("halo") or 0),
+        # temporal fusion on: warm-ups reach back to the chain start (see scaling.network_schedule)
+        "every": DEFAULT_ANCHOR_EVERY if (one.get("temporal") or {}).get("mode", "flow") != "none" else 0,
         "halo_wait_s": halo_wait,
     }
 
@@ -175,15 +186,19 @@ def measured_costs(summary: dict[str, Any], runs: dict[int, dict[str, Any]]) -> 
 def rank0_cost(report: dict[str, Any], mode: str) -> dict[str, Any]:
     """Rank 0's serial cost per frame of the video in one stylize report, split into its parts.
 
-    decode (rank 0's decoder thread), write (the sink's HDF5 writes and commits), encode (the sink
-    feeding the one x264, ``--encode rank0``), join (filling holes and the stream-copy concat after
-    the work, ``--encode segments``). ``serial_s`` is their sum: the threads overlap each other and
-    the work, so the sum is the conservative figure. ``segment_encode_s`` is each rank's own encoder
-    per frame it encoded: parallel work, not rank 0's.
+    decode (rank 0's decoder thread), write (rank 0's store thread: its own frames only, since 0.3 every
+    rank writes its own; reported, not serial), encode (the sink feeding the one x264, ``--encode
+    rank0``), join (filling holes and the stream-copy concat after the work, ``--encode segments``).
+    ``serial_s`` is decode + encode + join: the threads overlap each other and the work, so the sum is
+    the conservative figure. With ``--decode each`` (the report's ``decode``) rank 0 decodes only its
+    own frames, parallel work like every rank's: not serial either. ``segment_encode_s``
+    is each rank's own encoder per frame it encoded: parallel work, not rank 0's.
     """
     frames = max(int(report["frames"]), 1)
     root = next(e for e in report["per_rank"] if e.get("rank", 0) == 0)
     times = {k: float(v) for k, v in (root.get("times_s") or {}).items()}
+    if report.get("decode") == "each":
+        times["decode"] = 0.0
     parts = {f"{k}_s": times.get(k, 0.0) / frames for k in ("decode", "write", "encode", "join")}
     # Segments are encoded as frames come out (segment_encode) or, for blocks no run covered whole,
     # from the buffer after the work (leftover_encode): both are the ranks' parallel work.
@@ -192,7 +207,7 @@ def rank0_cost(report: dict[str, Any], mode: str) -> dict[str, Any]:
     seg_frames = sum(int((e.get("counts") or {}).get(k, 0)) for e in report["per_rank"]
                      for k in ("segment_frames", "leftover_frames"))
     return {"mode": mode, "ranks": int(report["ranks"]), "frames": frames, **parts,
-            "serial_s": sum(parts.values()),
+            "serial_s": sum(v for k, v in parts.items() if k != "write_s"),
             "segment_encode_s": seg_time / seg_frames if seg_frames else 0.0,
             "segments": sum(int((e.get("counts") or {}).get(k, 0)) for e in report["per_rank"]
                             for k in ("segments", "leftover_blocks"))}
@@ -201,14 +216,14 @@ def rank0_cost(report: dict[str, Any], mode: str) -> dict[str, Any]:
 def encode_jobs(ranks: Sequence[int], encode: str) -> list[tuple[int, str]]:
     """(rank count, --encode mode) of one pipeline round; a rank count's first job is its primary run.
 
-    Primary runs are what the speed-up and targets use: stylize's default (auto: rank0 on 1 rank,
-    segments on more) unless one mode is forced. ``both`` adds a rank0 run for each multi-rank count.
+    Primary runs are what the speed-up and targets use: stylize's default (auto: segments for any rank
+    count) unless one mode is forced. ``both`` adds a rank0 run for each multi-rank count.
     """
     if encode in ENCODE_MODES:
         return [(n, encode) for n in ranks]
     jobs = []
     for n in ranks:
-        jobs.append((n, "rank0" if n == 1 else "segments"))
+        jobs.append((n, "segments"))
         if encode == "both" and n > 1:
             jobs.append((n, "rank0"))
     return jobs

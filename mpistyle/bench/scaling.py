@@ -6,24 +6,86 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from ..partition import Plan, make_plan
 from .common import GPU_RANK_FPS, LONG_VIDEO_FRAMES
+
+SCHEDULE_POLICIES = ("exports-first", "0.3")
+
+
+def network_schedule(plan: Plan, ahead_limit: int, policy: str = "exports-first") -> dict[str, Any]:
+    """The static schedule's critical path in network passes (one pass = one frame), timing-free (pure).
+
+    Every rank runs one network pass per time unit; fusion and flow cost nothing here. A rank
+    stylizes in this order: its exports first (``exports-first``, since 0.4; in ``0.3`` only ranks that
+    import did, so rank 0 reached its exports at the end of its partition), then its own frames. Before it
+    can fuse its warm-up it stylizes up to ``ahead_limit`` own frames ahead; if the warm-up is still
+    not there, the network waits until the predecessor's pass that finishes the last warm-up frame.
+
+    Returns per rank: ``passes``, ``wait`` (time units the network stood still) and ``finish``; and
+    ``makespan``, ``ideal`` (the largest partition) and ``speedup`` (frames / makespan).
+    """
+    done_at: dict[int, int] = {}  # frame -> time its network pass finished (on its owner)
+    rows = []
+    for rp in plan.ranks:  # warm-ups come from earlier ranks only: one pass in rank order
+        if policy not in SCHEDULE_POLICIES:
+            raise ValueError(f"unknown policy {policy!r}")
+        exports = sorted(rp.exports) if policy == "exports-first" or rp.imports else []
+        clock, wait = 0, 0
+        for t in exports:
+            clock += 1
+            done_at[t] = clock
+        for run in rp.runs:
+            own = [t for t in range(run.start, run.stop) if t not in done_at]
+            imports = [t for t in run.halo_frames if t in rp.imports]
+            arrival = max((done_at[t] for t in imports), default=0)
+            i = 0
+            while imports and i < min(len(own), ahead_limit) and clock < arrival:
+                clock += 1
+                done_at[own[i]] = clock
+                i += 1
+            if clock < arrival:
+                wait += arrival - clock
+                clock = arrival
+            for t in own[i:]:
+                clock += 1
+                done_at[t] = clock
+        rows.append({"rank": rp.rank, "passes": len(rp.todo), "wait": wait, "finish": clock})
+    makespan = max((r["finish"] for r in rows), default=0)
+    ideal = max((r["passes"] for r in rows), default=0)
+    return {"ranks": rows, "makespan": makespan, "ideal": ideal,
+            "speedup": plan.n_todo / makespan if makespan else 1.0}
+
+
+def warmup_wait_passes(frames: int, ranks: int, halo: int, every: int,
+                       ahead_limit: int | None = None) -> tuple[int, int]:
+    """(network passes the critical path waits, longest warm-up in frames) for a fresh static run."""
+    plan = make_plan(frames, ranks, halo, every=every)
+    limit = plan.max_warmup + 1 if ahead_limit is None else ahead_limit
+    sched = network_schedule(plan, limit)
+    longest = max((len(run.halo_frames) for rp in plan.ranks for run in rp.runs), default=0)
+    return sched["makespan"] - sched["ideal"], longest
 
 
 def scaling_model(measured: dict[str, Any], ranks: Sequence[int], frames: int = LONG_VIDEO_FRAMES,
                   link_bytes_per_s: float = 1.25e9) -> list[dict[str, Any]]:
     """Project run time and overhead for a long video of ``frames`` frames on P ranks.
 
-    Per-frame costs (seconds, from ``measured``): n = network, c = n + flow + fuse + send (what a
-    rank spends per frame it owns), s0 = max(decode + write + encode, root_cpu) + 2 x frame_bytes /
+    Per-frame costs (seconds, from ``measured``): n = network, c = what a rank spends per frame it owns
+    (``rank_s``, the 1-rank run's work per frame, or n + flow + fuse + send; :func:`rank_cost_per_frame`),
+    s0 = max(decode + write + encode, root_cpu) + 2 x frame_bytes /
     link (rank 0's serial share of every frame: it decodes and scatters each frame once, gathers,
     buffers and encodes it once; root_cpu is that cost as CPU time, which also counts the ffmpeg
-    processes that the threads' clocks miss). K = halo frames, w = measured halo wait per boundary,
-    S = startup (launch, imports, model load). When ``measured`` holds ``root_serial_s`` (rank 0's
-    serial cost per frame measured in a multi-rank run of one output mode, :func:`rank0_cost`), s0 =
+    processes that the threads' clocks miss). W = the longest warm-up of the plan (up to
+    ``every + lead - 1`` flow+fusion steps; with the lead K alone when ``every`` is not in
+    ``measured``), D = the network passes the critical path waits for warm-up frames, from
+    :func:`network_schedule` (0 for the static schedule of 0.4, where every rank stylizes its exports
+    first), w = the measured wait per boundary beyond that, S = startup (launch, imports, model load).
+    When ``measured`` holds ``root_serial_s`` (rank 0's serial cost per frame measured in a multi-rank
+    run of one output mode, :func:`rank0_cost`), s0 =
     root_serial_s + 2 x frame_bytes / link instead; ``segment_encode_s`` (each rank's own x264 in
     segments mode) is then part of c. With F frames:
 
-        H(P)     = [P > 1] * (K * (flow + fuse) + w)      one boundary on the critical path
+        H(P)     = [P > 1] * (W * (flow + fuse) + D * n + w)   the warm-up on the critical path
         T(P)     = S + F*c/P + F*s0 + H(P)                  equal partitions (current design:
                                                             rank 0 does 1/P of the frames *and* the
                                                             serial stream on its own core)
@@ -35,19 +97,22 @@ def scaling_model(measured: dict[str, Any], ranks: Sequence[int], frames: int = 
     startup do not. ``speedup`` and ``efficiency`` are against T(1).
     """
     n = float(measured["network_s"])
-    c = n + sum(float(measured.get(k, 0.0)) for k in ("flow_s", "fuse_s", "send_s", "segment_encode_s"))
+    c = rank_cost_per_frame(measured)
     s0 = root_serial_per_frame(measured, link_bytes_per_s)
     k = int(measured.get("halo", 0))
+    every = int(measured.get("every", 0))
     startup = float(measured.get("startup_s", 0.0))
-    halo_step = k * (float(measured.get("flow_s", 0.0)) + float(measured.get("fuse_s", 0.0))) + float(
-        measured.get("halo_wait_s", 0.0))
+    step = float(measured.get("flow_s", 0.0)) + float(measured.get("fuse_s", 0.0))
     t1 = startup + frames * (c + s0)
     rows = []
     for p in ranks:
         if p < 1:
             raise ValueError(f"rank counts must be positive, got {p}")
         useful = frames * n / p
-        halo = halo_step if p > 1 else 0.0
+        halo = 0.0
+        if p > 1:
+            waited, longest = warmup_wait_passes(frames, p, k, every) if every else (0, k)
+            halo = longest * step + waited * n + float(measured.get("halo_wait_s", 0.0))
         total = startup + frames * c / p + frames * s0 + halo
         parallel_bal = frames * (c + s0) / p
         total_bal = startup + max(parallel_bal, frames * s0) + halo
@@ -69,6 +134,15 @@ def scaling_model(measured: dict[str, Any], ranks: Sequence[int], frames: int = 
             "bound": "rank-0 stream" if frames * s0 >= parallel_bal else "compute",
         })
     return rows
+
+
+def rank_cost_per_frame(measured: dict[str, Any]) -> float:
+    """c of :func:`scaling_model`: what one rank spends per frame it owns. ``rank_s`` (the 1-rank run's
+    work time per frame, measured on a core of its own) when given, else the sum of the parts."""
+    if measured.get("rank_s") is not None:
+        return float(measured["rank_s"])
+    return float(measured["network_s"]) + sum(
+        float(measured.get(k, 0.0)) for k in ("flow_s", "fuse_s", "send_s", "segment_encode_s"))
 
 
 def root_serial_per_frame(measured: dict[str, Any], link_bytes_per_s: float = 1.25e9) -> float:
@@ -95,8 +169,7 @@ def encode_projection(measured: dict[str, Any], cost: dict[str, Any], ranks: Seq
     """
     model_in = {**measured, "root_serial_s": cost["serial_s"], "segment_encode_s": cost["segment_encode_s"]}
     s0 = root_serial_per_frame(model_in, link_bytes_per_s)
-    c = float(measured["network_s"]) + sum(
-        float(model_in.get(k, 0.0)) for k in ("flow_s", "fuse_s", "send_s", "segment_encode_s"))
+    c = rank_cost_per_frame(model_in)
     ceiling = 1.0 / s0 if s0 > 0 else math.inf
     link = s0 - cost["serial_s"]
     overlapped = max(float(cost.get("decode_s", 0.0)), float(cost.get("write_s", 0.0)) + float(

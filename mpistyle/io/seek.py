@@ -68,6 +68,18 @@ def _whole(value: object, name: str) -> int:
     return int(value)
 
 
+SEEKABLE_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm")  # the containers whose frame grid probe checks
+
+
+def seeks(info: VideoInfo) -> bool:
+    """Does :func:`decode_range` read a range without decoding the frames before it? Image sequences and
+    constant-rate mp4/mov/mkv/webm videos: yes. Variable-rate videos and other containers take the exact
+    decode-and-drop path, so a rank would decode everything before its frames (pure)."""
+    if info.is_sequence:
+        return True
+    return info.frame_map is None and str(info.path).lower().endswith(SEEKABLE_SUFFIXES)
+
+
 def decode_range(path: str, first: int, count: int, size: tuple[int, int] | None = None,
                  info: VideoInfo | None = None) -> Iterator[np.ndarray]:
     """Frames ``first .. first+count-1`` of a video or image sequence, bit-identical to ``iter_frames``.

@@ -28,6 +28,7 @@ class StylizeOptions:
     device: str = "auto"
     precision: str = "auto"
     batch: int = 0  # 0: auto (engine.resolve_batch: from free GPU memory; 1 on CPU)
+    compile: str = "auto"  # auto | on | off: the network compiled once per job (mpistyle.compiled)
     buffer: str | None = None
     buffer_layout: str = "auto"  # auto | parts | mpio (see buffer.py)
     restart: bool = False

@@ -16,7 +16,7 @@ from .gather import Sink
 from .options import Setup, StylizeOptions, chunk_list
 from .scatter import Decoder, LocalDecoder, Receiver, Scheduler, SourceSpool
 from .segments import SegmentWriter, prepare_segment_dir, segment_dir, segment_threads, uses_segments
-from .setup import Validated, collective, open_buffer_on_root, read_state_frames, validate_on_root
+from .setup import Validated, choose_network, collective, open_buffer_on_root, read_state_frames, validate_on_root
 from .shutdown import shutdown
 from .store import FrameStore
 from .worker import RankWorker
@@ -46,7 +46,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     threads = threads_per_rank(local_size, opts.threads)
     configure_threads(threads)
 
-    checked: Validated = collective(comm, lambda: validate_on_root(opts))
+    checked: Validated = collective(comm, lambda: validate_on_root(opts, size))
 
     def load() -> Any:
         import torch
@@ -64,13 +64,24 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
         return stylizer, device, dtype, batch
 
     stylizer, device, dtype, batch = collective(comm, load, root_only=False)
+    # The numeric path, the same on every rank: compiled once per job (rank 0 compiles or reads the cache
+    # while the others wait idle; mpistyle.compiled), or the eager recipe.
+    network, network_why = collective(comm, lambda: choose_network(opts, checked, stylizer))
+    compile_info: dict[str, Any] = {}
+    if network.startswith("compiled/"):
+        from ..compiled import start_compile
+
+        compile_info = start_compile(comm, stylizer, (batch, checked.height, checked.width, 3)).finish(comm)
+        if not compile_info["compiled"]:  # every rank agrees (finish): the job runs eagerly
+            network_why += f"; compilation failed: {compile_info.get('error')}"
+            network = stylizer.network
     precision_name = str(dtype).replace("torch.", "") if dtype is not None else "float32"
     device_type = device.split(":")[0]
     segmented = uses_segments(opts.output, size, opts.encode)  # validated on rank 0 above
     seg_threads = segment_threads(device_type)
 
     def open_on_root() -> Setup:
-        opened = open_buffer_on_root(opts, checked, precision_name, device_type, n_ranks=size)
+        opened = open_buffer_on_root(opts, checked, precision_name, device_type, n_ranks=size, network=network)
         if segmented:  # before any rank can write a segment; a resume keeps the blocks already encoded
             prepare_segment_dir(segment_dir(opts.output), resume=bool(opened.done.any()),
                                 params={"buffer": settings_digest(opened.settings), "crf": opts.crf,
@@ -82,7 +93,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     t_work = time.perf_counter()  # all ranks leave the setup collective together: a shared time origin
     temporal_on = opts.temporal.mode != "none"
     dynamic = opts.schedule == "dynamic"
-    local_decode = opts.decode == "each"  # validated on rank 0: static schedule only
+    local_decode = checked.decode == "each"  # resolved on rank 0: static schedule only
     n_parts = (opts.chunks or 4 * size) if dynamic else size
     # Dynamic chunks start at anchors, so each warms up over the lead only (see partition.py).
     plan = make_plan(setup.n_frames, n_parts, opts.halo, done=list(setup.done), temporal=temporal_on,
@@ -92,8 +103,9 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     logger.debug("rank %d/%d (local %d/%d): device %s, %d threads, partition %s, %d runs, %d to do",
                  rank, size, local_rank, local_size, device, threads, rp.bounds, len(rp.runs), len(rp.todo))
     if rank == 0:
-        logger.info("stylizing %d frames (%d to do) at %dx%d on %d rank(s), %d thread(s) each, device %s, %s",
-                    setup.n_frames, plan.n_todo, setup.width, setup.height, size, threads, device, precision_name)
+        logger.info("stylizing %d frames (%d to do) at %dx%d on %d rank(s), %d thread(s) each, device %s, %s "
+                    "(network %s: %s)", setup.n_frames, plan.n_todo, setup.width, setup.height, size, threads,
+                    device, precision_name, network, network_why)
 
     opened: list[Any] = []  # rank 0's FrameBuffer
 
@@ -115,7 +127,10 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
 
         parallel = collective(comm, lambda: open_parallel(setup.buffer_path, comm), root_only=False)
     shape = (setup.height, setup.width, 3)
-    spool = SourceSpool(rp.source_frames(), shape, opts.scratch, msgr.interrupted)
+    # A rank that decodes its own frames reads its exports first (the network stylizes them first);
+    # rank 0's decoder sends every rank its frames in video order.
+    source_order = rp.source_order() if local_decode else rp.source_frames()
+    spool = SourceSpool(source_order, shape, opts.scratch, msgr.interrupted)
     threads_started: list[threading.Thread] = []
     receiver = decoder = sink = store = None
     buffer = encoder = scheduler = None
@@ -140,7 +155,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
                 scheduler = sink.scheduler = Scheduler(plan, buffer)
             threads_started.append(sink)
         if local_decode:  # every rank reads its own frames (a frame-exact seek); nothing is scattered
-            decoder = LocalDecoder(opts.input, (setup.width, setup.height), rp.source_frames(), spool, msgr,
+            decoder = LocalDecoder(opts.input, (setup.width, setup.height), source_order, spool, msgr,
                                    info=checked.info)
             threads_started.append(decoder)
         elif rank == 0:
@@ -179,5 +194,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
                            threads, device, precision_name, (t_start, t_work), segmented, parallel)
     finally:
         spool.close()
+    if report:  # rank 0
+        report["network"] = {"path": network, "why": network_why, **compile_info}
     logger.debug("rank %d: work ended: %s", rank, outcome)
     return report

@@ -33,6 +33,7 @@ class SourceSpool:
     def __init__(self, frames: Sequence[int], shape: tuple[int, int, int], scratch: str | None,
                  interrupted: Any) -> None:
         self.slot = {t: i for i, t in enumerate(frames)}
+        self.scratch = scratch
         self._next_slot = len(self.slot)
         self.shape = shape
         self.nbytes = int(np.prod(shape))

@@ -58,9 +58,10 @@ def segment_dir(output: str) -> str:
 def uses_segments(output: str, n_ranks: int, mode: str) -> bool:
     """Whether this run encodes segments (pure).
 
-    ``auto`` picks segments for H.264 outputs on more than one rank: rank 0 then encodes nothing, and the
-    result is byte-identical for any rank count (and to ``--encode segments`` on 1 rank). One rank keeps
-    one encoder without forced keyframes.
+    ``auto`` picks segments for every H.264 output, whatever the rank count: the file is then the same,
+    byte for byte, for 1 rank and N ranks (issue 20; one encoder without forced keyframes, ``rank0``,
+    gives other bytes), and rank 0 encodes nothing on N ranks. ``n_ranks`` is kept for the callers'
+    sake; it no longer changes the answer.
     """
     if mode not in ENCODE_MODES:
         raise MpistyleError(f"unknown encode mode {mode!r} (choose from {', '.join(ENCODE_MODES)})")
@@ -69,7 +70,7 @@ def uses_segments(output: str, n_ranks: int, mode: str) -> bool:
             raise MpistyleError(f"--encode segments needs an H.264 container output "
                                 f"({', '.join(SEGMENT_CONTAINERS)}): {output}")
         return False
-    return mode == "segments" or (mode == "auto" and n_ranks > 1)
+    return mode in ("segments", "auto")
 
 
 def segment_threads(device_type: str) -> int:

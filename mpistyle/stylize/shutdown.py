@@ -119,6 +119,7 @@ def shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, store: Frame
         counts = dict(worker.counts) if worker is not None else {}
         if decoder is not None:
             times["decode"] = decoder.decode_s
+            counts["local_decode"] = int(isinstance(decoder, LocalDecoder))
         if worker is not None and worker.segments is not None:
             times["segment_encode"] = worker.segments.encode_s
             counts["segments"] = len(worker.segments.finished)
@@ -140,7 +141,9 @@ def shutdown(comm: Any, msgr: Messenger, worker: RankWorker | None, store: Frame
         failure = msgr.error[0] if msgr.error else ""
         code = msgr.error[1] if msgr.error else 0
         events = worker.events if worker is not None else []
-        per_rank = comm.gather({"rank": rank, "times": times, "counts": counts, "events": events, "failure": failure,
+        trace = worker.trace() if worker is not None else {}
+        per_rank = comm.gather({"rank": rank, "times": times, "counts": counts, "events": events, "trace": trace,
+                                "failure": failure,
                                 "code": code, "peer_failure": msgr.peer_failure, "stopped": bool(msgr.stop),
                                 "reason": msgr.stop.reason, "signal": msgr.stop.signal_name,
                                 "frames": worker.emitted if worker is not None else 0}, root=0)
@@ -256,13 +259,14 @@ def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, s
         "halo_fusion_steps": plan.halo_cost(),
         "boundaries": plan.boundaries(),
         "schedule": opts.schedule,
+        "decode": "each" if per_rank[0]["counts"].get("local_decode") else "rank0",  # --decode auto resolved
         "parts": plan.n_ranks,
         "wall_s": elapsed,
         "work_s": elapsed - setup_s,
         "frames_per_s": sum(p["frames"] for p in per_rank) / max(elapsed, 1e-9),
         "setup_s": setup_s,
         "per_rank": [{"rank": p["rank"], "frames": p["frames"], "times_s": p["times"], "counts": p["counts"],
-                      "events": p["events"]} for p in per_rank],
+                      "events": p["events"], "trace": p["trace"]} for p in per_rank],
         "outcome": verdict[0],
     }
     if verdict[0] == "done" and not opts.keep_buffer:

@@ -1,8 +1,13 @@
 """The rank worker: network, optical flow and temporal fusion over the rank's runs.
 
-Each rank first stylizes the frames its neighbours need as halo ("exports") and sends the raw
-network outputs; then for each run it warms up over the halo and stylizes and fuses its own frames,
-which go to its own buffer store (and segment encoder): nothing but progress notes goes to rank 0.
+No rank's network waits for another rank after the start (issue 20). Each rank first stylizes the
+frames its successor warms up over ("exports": the tail of its partition, at most
+``every + lead - 1`` frames) and sends the raw network outputs. Then, for each run, it keeps
+stylizing its own frames while its own warm-up frames are on the way (their outputs wait in an
+:class:`OutputSpool` on local disk, at most ``every + lead - 1 + batch`` of them), fuses the warm-up
+once it is there, and fuses its own frames in order. The frames go to its own buffer store (and
+segment encoder): nothing but progress notes goes to rank 0. The static schedule adds no network
+passes; the report's ``trace`` records the network's order and every wait, which the tests check.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from .comm import TAG_GIVE, TAG_HALO, TAG_REQ, Messenger, Stopped
 from .gather import Progress, ProgressSender
 from .options import Setup
 from .scatter import Receiver, Scheduler, SourceSpool
+from .spool import OutputSpool
 from .store import FrameStore
 
 MAX_EVENTS = 50_000
@@ -51,7 +57,13 @@ class RankWorker:
         self.flows = FlowPool(workers=flow_workers, lookahead=max(batch + 1, 2 * flow_workers),
                               method=temporal.flow_method, preset=temporal.flow_preset,
                               on_pair=lambda start: self._record("flow", start)) if self.flow_mode else None
-        self.cache: dict[int, np.ndarray] = {}  # raw network outputs of exported frames
+        # Raw network outputs computed before their turn in the fusion order: exports, and own frames
+        # stylized while the warm-up arrives (at most ``ahead_limit`` of those per run).
+        self.cache = OutputSpool(self.shape, getattr(spool, "scratch", None))
+        self.ahead_limit = plan.max_warmup + batch
+        # What the network did, in order, and every wait for warm-up frames (the report's "trace").
+        self.order: list[list[int]] = []  # runs [first, stop) of frames in the order they were stylized
+        self.halo_waits: list[dict[str, int]] = []
         self.exported: set[int] = set()
         self.paused = False
         self.local_halo = False
@@ -74,11 +86,9 @@ class RankWorker:
 
     # -- driving ------------------------------------------------------------------------------
     def run(self) -> None:
-        # A rank that warms up from its neighbour's frames must wait for them anyway: it first stylizes
-        # what its own neighbours need. A rank that waits for no one (rank 0) sends each export as its
-        # run reaches it, so its frames are fused and committed from the start (an honest progress bar,
-        # and a kill keeps work in proportion to the time spent).
-        if self.rp.imports:
+        # Exports first, on every rank (rank 0 too): its successor then has its warm-up after at most
+        # every + lead - 1 network passes, not when this rank reaches the end of its partition (issue 20).
+        if self.rp.exports:
             self._stylize_exports()
         for run in self.rp.runs:
             self._process_run(run)
@@ -118,9 +128,9 @@ class RankWorker:
         frames = sorted(self.rp.exports)
         for i in range(0, len(frames), self.batch):
             group = frames[i:i + self.batch]
-            outs = self._network([self._source(t) for t in group])
+            outs = self._network(group)
             for t, out in zip(group, outs, strict=True):
-                self.cache[t] = out
+                self.cache.put(t, out)
                 self._export(t, out)
             self._check_stop()
 
@@ -160,10 +170,9 @@ class RankWorker:
         if halo:
             for i in range(0, len(halo), self.batch):
                 group = halo[i:i + self.batch]
-                raw.update(zip(group, self._network([self._source(t) for t in group]), strict=True))
+                raw.update(zip(group, self._network(group), strict=True))
                 self.counts["halo_network_frames"] += len(group)
-        if not self.local_halo:
-            self._stylize_ahead_while_halo_arrives(run)
+        ahead = self._stylize_ahead_while_halo_arrives(run) if not self.local_halo else {}
         # Warm-up over the halo: raw network outputs come from their owners.
         for t in run.halo_frames:
             pair = self._wait_pair(flows, t)
@@ -172,7 +181,9 @@ class RankWorker:
             else:
                 start = time.perf_counter()
                 req, buf = self.halo_reqs[t]
-                self.msgr.wait(req)
+                if not req.Test():  # the network stops here: the trace says how far ahead it had got
+                    self.halo_waits.append({"frame": t, "run_start": run.start, **ahead})
+                    self.msgr.wait(req)
                 self._record("wait_halo", start)
             self._fuse(t, buf, pair)
             self.counts["halo_frames"] += 1
@@ -180,7 +191,7 @@ class RankWorker:
         for i in range(0, len(frames), self.batch):
             group = frames[i:i + self.batch]
             todo = [t for t in group if t not in self.cache]
-            outs = dict(zip(todo, self._network([self._source(t) for t in todo]), strict=True)) if todo else {}
+            outs = dict(zip(todo, self._network(todo), strict=True)) if todo else {}
             for t, out in outs.items():
                 self._export(t, out)
             for t in group:
@@ -190,21 +201,22 @@ class RankWorker:
                 self._emit(t, out)
             self._check_stop()
 
-    def _stylize_ahead_while_halo_arrives(self, run: Run) -> None:
-        """Don't idle while the previous rank stylizes our halo: run the network on our own next
-        frames (fusion must wait for the halo; the network need not). Bounded by 2 x halo frames."""
+    def _stylize_ahead_while_halo_arrives(self, run: Run) -> dict[str, int]:
+        """Keep the network on this run's own frames until every warm-up frame has arrived (fusion
+        must wait for them; the network need not), at most ``ahead_limit`` frames. Returns how many
+        frames it stylized ahead and how many it could have (the trace of a wait that follows)."""
         reqs = [self.halo_reqs[t][0] for t in run.halo_frames if t in self.halo_reqs]
+        own = [t for t in range(run.start, run.stop) if t not in self.cache]
         if not reqs:
-            return
-        # At most 20 frames ahead: warm-ups reach back to the chain start, up to every + lead - 1 frames.
-        ahead = [t for t in range(run.start, run.stop) if t not in self.cache][: 2 * min(len(reqs), 10)]
-        for i in range(0, len(ahead), self.batch):
-            if all(req.Test() for req in reqs):
-                return
-            group = ahead[i:i + self.batch]
-            for t, out in zip(group, self._network([self._source(t) for t in group]), strict=True):
-                self.cache[t] = out
+            return {"ahead": 0, "could": 0}
+        done = 0
+        while done < min(len(own), self.ahead_limit) and not all(req.Test() for req in reqs):
+            group = own[done:done + min(self.batch, self.ahead_limit - done)]
+            for t, out in zip(group, self._network(group), strict=True):
+                self.cache.put(t, out)
+            done += len(group)
             self._check_stop()
+        return {"ahead": done, "could": min(len(own), self.ahead_limit)}
 
     # -- steps --------------------------------------------------------------------------------
     def _source(self, t: int) -> np.ndarray:
@@ -220,11 +232,17 @@ class RankWorker:
         if end - start >= min_s and len(self.events) < MAX_EVENTS:
             self.events.append((phase, round(start - self.t0, 5), round(end - self.t0, 5)))
 
-    def _network(self, sources: list[np.ndarray]) -> np.ndarray:
+    def _network(self, frames: list[int]) -> np.ndarray:
+        sources = [self._source(t) for t in frames]
         start = time.perf_counter()
         out = self.stylizer(np.stack(sources))
         self._record("network", start)
-        self.counts["network_frames"] += len(sources)
+        self.counts["network_frames"] += len(frames)
+        for t in frames:
+            if self.order and self.order[-1][1] == t:
+                self.order[-1][1] = t + 1
+            else:
+                self.order.append([t, t + 1])
         if self.progress_sender is not None:
             self.progress_sender.maybe_send(self.progress)
         return out
@@ -268,8 +286,10 @@ class RankWorker:
     def _send_raw(self, buf: np.ndarray, dest: int, tag: int) -> None:
         self.pending = [(r, b) for r, b in self.pending if not r.Test()]
         while len(self.pending) >= 8:  # bound the memory held by in-flight sends
+            start = time.perf_counter()
             req, _ = self.pending.pop(0)
             self.msgr.wait(req, interruptible=False)
+            self._record("wait_send", start, min_s=1e-3)
         self.pending.append((self.comm.Isend(buf, dest=dest, tag=tag), buf))
 
     def _check_stop(self) -> None:
@@ -284,6 +304,11 @@ class RankWorker:
         if self.progress_sender is not None:
             self.progress_sender.finish()
 
+    def trace(self) -> dict[str, Any]:
+        """The network's order and the waits for warm-up frames, for the report (and the tests)."""
+        return {"exports": sorted(self.rp.exports), "imports": sorted(self.rp.imports), "order": self.order,
+                "halo_waits": self.halo_waits, "ahead_limit": self.ahead_limit, "spool_peak": self.cache.peak}
+
     def cancel_unmatched(self) -> None:
         for req, _ in self.halo_reqs.values():
             if not req.Test():
@@ -291,6 +316,7 @@ class RankWorker:
                 req.Wait()
         if self.flows is not None:
             self.flows.close()
+        self.cache.close()
 
 
 class _RunFlows:

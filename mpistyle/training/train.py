@@ -725,6 +725,10 @@ class Trainer:
                         logger.info("step %d/%d %s (%s)", self.step, cfg.steps, msg, speed)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save_checkpoint()
+                if self.stop is not None and self.step == start + 1:
+                    from mpistyle.mpi import pause_point
+
+                    pause_point("train", self.stop)  # test hook (MPISTYLE_PAUSE_AT=train): hold after one step
                 # SIGTERM/SIGUSR1 (SLURM's time-limit warning) on any rank: all ranks agree after
                 # this step, save a checkpoint and exit 75 so the sbatch script requeues.
                 if self.stop is not None and self.step < cfg.steps and not self.comm.bcast_ok(not self.stop):

@@ -1,0 +1,153 @@
+"""The compiled network: when it is used, one package for every rank, the cache across jobs, bad caches.
+
+Compiling costs 20-50 s on the development machine: one compilation for the whole module (the 1-rank
+run, which fills the cache the 2-rank run then reads).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from mpistyle import compiled
+from mpistyle.engine import Stylizer
+from mpistyle.models import load_model
+
+from .conftest import BBB, run_mpistyle
+
+
+class OneRank:
+    """A communicator of one rank (what the compile job needs of mpi4py's)."""
+
+    def Get_rank(self) -> int:  # noqa: N802 - mpi4py's name
+        return 0
+
+    def bcast(self, obj, root=0):
+        return obj
+
+    def allgather(self, obj):
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+
+def test_decide_follows_the_option_the_resumed_buffer_and_the_break_even():
+    cpu = torch.device("cpu")
+    assert compiled.decide("on", cpu, 1, 72, 128, None) == (True, "--compile on")
+    assert compiled.decide("off", cpu, 10**6, 720, 1280, 1)[0] is False
+    assert compiled.decide("auto", cpu, 1, 72, 128, 1, stored=True)[0] is True  # a resume keeps it
+    assert compiled.decide("auto", cpu, 10**6, 720, 1280, 1, stored=False)[0] is False
+    cold = compiled.break_even_frames(272, 640, threads=1, cached=False)
+    warm = compiled.break_even_frames(272, 640, threads=1, cached=True)
+    assert warm < cold and compiled.break_even_frames(272, 640, threads=2) == pytest.approx(2 * cold)
+    if compiled.cpu_supports_bf16():
+        assert compiled.decide("auto", cpu, int(cold) + 1, 272, 640, 1)[0] is True
+        assert compiled.decide("auto", cpu, int(cold) - 1, 272, 640, 1)[0] is False
+    else:
+        assert compiled.decide("auto", cpu, 10**9, 272, 640, 1)[0] is False
+    assert compiled.decide("auto", cpu, 10**9, 720, 1280, 1, transformer=False)[0] is False
+    with pytest.raises(Exception, match="--compile"):
+        compiled.decide("sometimes", cpu, 1, 1, 1, 1)
+
+
+def test_auto_decides_the_same_for_any_rank_count_and_cache_state():
+    """Compiled and eager frames differ in the last bits: 1 rank and N ranks must take the same path. The
+    decision sees the whole video's frames, and a thread count only where the user fixed it."""
+    cpu = torch.device("cpu")
+    frames = 10**6
+    # Threads that follow the node's cores and the rank count (None): never compiled by auto.
+    assert compiled.decide("auto", cpu, frames, 272, 640, None)[0] is False
+    assert compiled.decide("auto", cpu, frames, 272, 640, 2)[0] is False
+    if compiled.cpu_supports_bf16():
+        assert compiled.decide("auto", cpu, frames, 272, 640, 1)[0] is True
+    import inspect
+
+    assert "cached" not in inspect.signature(compiled.decide).parameters
+    assert "frames_per_rank" not in inspect.signature(compiled.decide).parameters
+
+
+def test_the_key_names_everything_the_package_depends_on():
+    sty = Stylizer(load_model(None), torch.device("cpu"), precision="bf16")
+    key = compiled.artifact_key(sty, (1, 72, 128, 3))
+    assert {"torch", "mpistyle", "network", "shape", "cpu", "weights"} <= set(key)
+    other = compiled.artifact_key(Stylizer(load_model("great-wave"), torch.device("cpu"), "bf16"), (1, 72, 128, 3))
+    assert compiled.key_digest(key) != compiled.key_digest(other)  # the weights are in the package
+    assert compiled.key_digest(key) != compiled.key_digest(compiled.artifact_key(sty, (1, 72, 132, 3)))
+
+
+def _job_with(cache: Path, data: bytes, shape, monkeypatch, caplog) -> tuple[Stylizer, dict]:
+    """A one-rank compile job whose cache holds ``data``; compiling again fails (no 30 s compile here)."""
+    monkeypatch.setenv(compiled.CACHE_ENV, str(cache))
+
+    def no_compiler(*_args, **_kwargs):
+        raise RuntimeError("no C++ compiler in this test")
+
+    monkeypatch.setattr(compiled, "compile_package", no_compiler)
+    sty = Stylizer(load_model(None), torch.device("cpu"), precision="bf16")
+    key = compiled.artifact_key(sty, shape)
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / f"{compiled.key_digest(key)}.pt2").write_bytes(data)
+    with caplog.at_level(logging.WARNING, logger="mpistyle.compiled"):
+        info = compiled.start_compile(OneRank(), sty, shape).finish(OneRank())
+    return sty, info
+
+
+def test_a_corrupt_cache_is_ignored_with_a_warning(tmp_path, monkeypatch, caplog):
+    sty, info = _job_with(tmp_path / "cache", b"PK\x03\x04 not a package", (1, 24, 32, 3), monkeypatch, caplog)
+    assert info["cache"] == "bad" and not info["compiled"] and "no C++ compiler" in info["error"]
+    assert sty.compiled is None and sty.network == "fused-bf16-cl"  # every rank runs eagerly
+    text = caplog.text
+    assert "ignoring the compiled-network cache" in text and "runs eagerly" in text
+
+
+@pytest.fixture(scope="module")
+def compiled_runs(tmp_path_factory, model_args) -> dict:
+    """BBB (24 frames, 128x72) with --compile on: a plain process (cold cache: compiles), then -n 2 (cache hit)."""
+    tmp = tmp_path_factory.mktemp("compiled")
+    env = {compiled.CACHE_ENV: str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for ranks in (None, 2):
+        out = tmp / f"n{ranks or 1}.mp4"
+        report = tmp / f"n{ranks or 1}.json"
+        proc = run_mpistyle(["stylize", str(BBB), "-o", str(out), *model_args, "--compile", "on", "--keep-buffer",
+                             "--report", str(report), "--no-progress"], ranks=ranks, env=env, check=True,
+                            timeout=400)
+        runs[ranks or 1] = {"out": out, "buffer": Path(str(out) + ".mpistyle.h5"), "log": proc.stderr,
+                            "report": json.loads(report.read_text())}
+    runs["cache"] = tmp / "cache"
+    runs["env"] = env
+    return runs
+
+
+def test_compiled_frames_are_identical_on_two_ranks_and_the_cache_is_reused(compiled_runs):
+    one, two = compiled_runs[1]["report"]["network"], compiled_runs[2]["report"]["network"]
+    assert one["path"] == two["path"] == "compiled/fused-bf16-cl" and one["compiled"] and two["compiled"]
+    assert one["cache"] == "miss" and two["cache"] == "hit"  # compiled once, by the first job's rank 0
+    assert one["check_psnr_db"] >= 40  # the compiled network against the eager one
+    with h5py.File(compiled_runs[1]["buffer"], "r") as a, h5py.File(compiled_runs[2]["buffer"], "r") as b:
+        assert a["done"][...].all() and b["done"][...].all()
+        assert np.array_equal(a["frames"][...], b["frames"][...])
+        assert json.loads(a.attrs["settings"])["network"] == "compiled/fused-bf16-cl"
+    assert len(list(compiled_runs["cache"].glob("*.pt2"))) == 1
+
+
+def test_a_resume_takes_the_buffers_path(compiled_runs, model_args):
+    """A buffer made compiled is not resumed eagerly (frames would differ in the last bits)."""
+    proc = run_mpistyle(["stylize", str(BBB), "-o", str(compiled_runs[1]["out"]), *model_args, "--compile", "off",
+                         "--no-progress"], env=compiled_runs["env"])
+    assert proc.returncode != 0 and "different network" in proc.stderr
+
+
+def test_an_incompatible_cache_is_ignored_with_a_warning(compiled_runs, tmp_path, monkeypatch, caplog):
+    """A valid package of another frame size, under this size's key: found out, ignored, not fatal."""
+    package = next(compiled_runs["cache"].glob("*.pt2")).read_bytes()
+    sty, info = _job_with(tmp_path / "cache", package, (1, 24, 32, 3), monkeypatch, caplog)
+    assert info["cache"] == "bad" and not info["compiled"] and sty.compiled is None
+    assert "ignoring the compiled-network cache" in caplog.text
