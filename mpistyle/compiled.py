@@ -379,8 +379,3 @@ def start_compile(comm: Any, stylizer: Stylizer, shape: tuple[int, ...]) -> Comp
 
 def is_transformer(stylizer: Stylizer) -> bool:
     return isinstance(stylizer.model, TransformerNet)
-
-
-def cached(stylizer: Stylizer, shape: tuple[int, ...]) -> bool:
-    """Whether the cache holds a package for this network and shape (not checked: it may still be bad)."""
-    return os.path.isfile(os.path.join(cache_dir(), f"{key_digest(artifact_key(stylizer, shape))}.pt2"))
