@@ -86,7 +86,7 @@ class ConvLayer(nn.Module):
         self.conv2d = nn.Conv2d(in_channels, out_channels, kernel_size, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2d(self.reflection_pad(x))
+        return self.conv2d(_reflection_pad(self.reflection_pad, x, self.training))
 
 
 class ResidualBlock(nn.Module):
@@ -118,9 +118,11 @@ class UpsampleConvLayer(nn.Module):
         self.conv2d = nn.Conv2d(in_channels, out_channels, kernel_size, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.upsample:
+        if self.upsample and self.training:
+            x = _UpsampleNearest.apply(x, self.upsample)
+        elif self.upsample:
             x = F.interpolate(x, mode="nearest", scale_factor=self.upsample)
-        return self.conv2d(self.reflection_pad(x))
+        return self.conv2d(_reflection_pad(self.reflection_pad, x, self.training))
 
 
 class TransformerNet(nn.Module):
@@ -171,6 +173,70 @@ class PointwiseNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pointwise(x)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Training only (``module.training``): the same forward values, with backward passes that compile well.
+# Compiled for training, torch's backward of the nearest upsample and of the reflection pad became
+# scatter loops that took a fifth of a step at 256 px; written as block sums and padded slices, the
+# compiler makes them vector code fused with their neighbours. Inference never takes these paths.
+
+
+def _reflection_pad(pad: nn.ReflectionPad2d, x: torch.Tensor, training: bool) -> torch.Tensor:
+    if training:
+        p = pad.padding
+        return _ReflectionPad.apply(x, p[0]) if len(set(p)) == 1 else pad(x)
+    return pad(x)
+
+
+class _ReflectionPad(torch.autograd.Function):
+    """``F.pad(x, (p, p, p, p), mode="reflect")``; the backward folds the border gradients back in."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, p: int) -> torch.Tensor:
+        ctx.p = p
+        return F.pad(x, (p, p, p, p), mode="reflect")
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        p = ctx.p
+        return _fold_reflection(_fold_reflection(grad, p, 3), p, 2), None
+
+
+def _fold_reflection(g: torch.Tensor, p: int, dim: int) -> torch.Tensor:
+    """The gradient of a reflection pad by ``p`` along ``dim`` (2 or 3): the inside, plus each border
+    mirrored onto the inputs it copied (padded index ``j < p`` came from input ``p - j``)."""
+    n = g.shape[dim] - 2 * p
+    mid = g.narrow(dim, p, n)
+    left = g.narrow(dim, 0, p).flip(dim)  # onto inputs 1..p
+    right = g.narrow(dim, n + p, p).flip(dim)  # onto inputs n-1-p..n-2
+    spans = ((1, n - 1 - p), (n - 1 - p, 1))
+    if dim == 2:
+        left, right = (F.pad(t, (0, 0, *s)) for t, s in zip((left, right), spans, strict=True))
+    else:
+        left, right = (F.pad(t, s) for t, s in zip((left, right), spans, strict=True))
+    return mid + left + right
+
+
+class _UpsampleNearest(torch.autograd.Function):
+    """``F.interpolate(mode="nearest")`` by an integer factor, with the backward as a sum over k x k blocks.
+
+    Why: compiled for training, torch's backward of the upsample is a scatter-add (``index_put``) that
+    took a tenth of a training step; a block sum over a reshaped view compiles to vector code. The
+    forward is torch's own, so the values and the layout are the same as at inference.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.k = k
+        return F.interpolate(x, mode="nearest", scale_factor=k)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        k = ctx.k
+        n, c, h, w = grad.shape
+        return grad.unflatten(3, (w // k, k)).unflatten(2, (h // k, k)).sum(dim=(3, 5)), None
 
 
 

@@ -293,6 +293,10 @@ def test_two_mpi_ranks_follow_the_one_rank_curve(images, tmp_path):
             "1",
             "--log-every",
             "1",
+            # fp32: the check is of the gradient sum over ranks; in bf16 the tiny TV part of a 3-step run
+            # moves by up to 1 % between batch splits (convolutions round differently per batch size).
+            "--precision",
+            "fp32",
         ]
         if n > 1:
             cmd = [_mpiexec(), "-n", str(n)] + cmd
@@ -306,8 +310,9 @@ def test_two_mpi_ranks_follow_the_one_rank_curve(images, tmp_path):
     one, two = run(1, "one"), run(2, "two")
     assert len(one) == len(two) == 3
     for a, b in zip(one, two, strict=True):
-        for key in ("content", "style", "total", "tv"):
-            assert b[key] == pytest.approx(a[key], rel=1e-3)
+        for key in ("content", "style", "total"):
+            assert b[key] == pytest.approx(a[key], rel=2e-5)
+        assert b["tv"] == pytest.approx(a["tv"], rel=1e-3)  # a tiny part: Adam moves small gradients by lr
 
 
 def test_comm_without_mpiexec_is_one_rank():
@@ -433,3 +438,69 @@ def test_torch_norm_trains_the_same_weights_layout(images, tmp_path):
     fused = Trainer(_cfg(images, tmp_path / "f.pth", steps=2, checkpoint_every=0)).run()
     assert hist[0]["total"] == pytest.approx(fused[0]["total"], rel=1e-4)  # same network, same first loss
     TransformerNet().load_state_dict(torch.load(tmp_path / "t.pth", weights_only=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 21: the training step's fast paths (custom backward passes, one compiled graph)
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_training_backward_rewrites_give_torchs_values_and_gradients(layout):
+    """The training-only rewrites (reflection pad, nearest upsample, Gram, 2x2 max pool) against torch's
+    own ops: the same forward values exactly, the same gradients to float32 rounding, the layout kept."""
+    import torch.nn.functional as F
+
+    from mpistyle.nets import _ReflectionPad, _UpsampleNearest
+    from mpistyle.training.losses import MaxPool2x2, gram
+
+    def both(fn_ours, fn_torch, x):
+        a = x.detach().clone().contiguous(memory_format=layout).requires_grad_()
+        b = x.detach().clone().contiguous(memory_format=layout).requires_grad_()
+        ya, yb = fn_ours(a), fn_torch(b)
+        g = torch.randn(ya.shape, generator=torch.Generator().manual_seed(1))
+        ya.backward(g)
+        yb.backward(g)
+        assert torch.equal(ya, yb)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+        assert a.grad.is_contiguous(memory_format=layout)
+
+    x = torch.randn(2, 5, 11, 14, generator=torch.Generator().manual_seed(0))
+    for p in (1, 4):
+        both(lambda t, p=p: _ReflectionPad.apply(t, p), lambda t, p=p: F.pad(t, (p, p, p, p), mode="reflect"), x)
+    both(lambda t: _UpsampleNearest.apply(t, 2), lambda t: F.interpolate(t, scale_factor=2, mode="nearest"), x)
+
+    def torch_gram(t):
+        f = t.reshape(2, 5, -1)
+        return f.bmm(f.transpose(1, 2)) / t[0].numel()
+
+    a = x.clone().contiguous(memory_format=layout).requires_grad_()
+    b = x.clone().requires_grad_()
+    ga, gb = gram(a), torch_gram(b)
+    torch.testing.assert_close(ga, gb)
+    w = torch.randn(ga.shape)
+    (ga * w).sum().backward()
+    (gb * w).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+    assert a.grad.is_contiguous(memory_format=layout)
+    # The max pool's compiled form: the same values as MaxPool2d, odd sizes floored.
+    pooled = torch.compile(MaxPool2x2(), backend="aot_eager", fullgraph=True)(x.contiguous(memory_format=layout))
+    assert torch.equal(pooled, torch.nn.MaxPool2d(2, 2)(x))
+
+
+def test_compiled_training_step_matches_the_eager_one(images, tmp_path):
+    """--compile on runs the whole loss as one graph; its loss parts and gradients match the eager step's
+    (fp32, so the comparison is to rounding), with the TV, grid and temporal terms all in it."""
+    kw = dict(steps=1, checkpoint_every=0, precision="fp32", temporal_weight=1.0, grid_weight=1.0, size=64)
+    eager = Trainer(_cfg(images, tmp_path / "e.pth", compile="off", **kw))
+    comp = Trainer(_cfg(images, tmp_path / "c.pth", compile="on", **kw))
+    assert comp.compiled and not eager.compiled
+    grads = []
+    for tr in (eager, comp):
+        total, parts = tr._losses(tr._step_batch(0))
+        total.backward()
+        grads.append((parts.detach(), torch.cat([p.grad.flatten() for p in tr.params])))
+    (pe, ge), (pc, gc) = grads
+    assert (pe[:3] > 0).all() and pe[3] > 0  # every term is in play
+    torch.testing.assert_close(pc, pe, rtol=1e-4, atol=0)
+    cos = torch.nn.functional.cosine_similarity(gc, ge, dim=0)
+    assert cos > 0.9999 and torch.linalg.vector_norm(gc) == pytest.approx(float(torch.linalg.vector_norm(ge)), rel=1e-3)

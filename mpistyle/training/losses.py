@@ -19,6 +19,7 @@ import math
 import os
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,6 +96,23 @@ def _load_vgg_state(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
+class MaxPool2x2(nn.Module):
+    """``nn.MaxPool2d(2, 2)``; under ``torch.compile``, the same values as a max over a reshaped view.
+
+    Why: compiled, torch's max pool (and its backward) became index-tracking loops that took longer
+    than the convolutions around them; a max over two axes of a view compiles to vector code, and
+    its backward (gradient to the maximum; ties share it) to one masked pass. Eager, torch's own
+    is the fast one (and keeps the channels-last layout).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            return F.max_pool2d(x, 2, 2)
+        n, c, h, w = x.shape
+        x = x[:, :, : h - h % 2, : w - w % 2]  # floor, like MaxPool2d
+        return x.unflatten(3, (w // 2, 2)).unflatten(2, (h // 2, 2)).amax(dim=(3, 5))
+
+
 class VGG19Features(nn.Module):
     """VGG-19 truncated after the deepest requested ReLU; returns {layer: activation}.
 
@@ -122,7 +140,7 @@ class VGG19Features(nn.Module):
             if count > deepest:
                 break
             if item == "P":
-                mods.append(nn.MaxPool2d(2, 2) if pool == "max" else nn.AvgPool2d(2, 2))
+                mods.append(MaxPool2x2() if pool == "max" else nn.AvgPool2d(2, 2))
                 self._names.append(None)
                 continue
             tag, ch = item
@@ -139,14 +157,16 @@ class VGG19Features(nn.Module):
             p.requires_grad_(False)
         self.eval()
 
-    def forward(self, rgb: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, rgb: torch.Tensor, layers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Activations of ``layers`` (default: all of this network's); stops after the deepest one."""
+        want = self.layers if layers is None else tuple(layers)
         x = rgb.flip(1) - self.mean  # RGB -> BGR, subtract the caffe means
         out: dict[str, torch.Tensor] = {}
         for mod, name in zip(self.body, self._names, strict=True):
             x = mod(x)
-            if name in self.layers:
+            if name in want:
                 out[name] = x
-                if len(out) == len(self.layers):
+                if len(out) == len(want):
                     break
         return out
 
@@ -155,12 +175,48 @@ def gram(feat: torch.Tensor) -> torch.Tensor:
     """Gram matrix normalised by C*H*W (fast_neural_style's convention), always in float32.
 
     Under fp16 autocast the H*W-long sums of caffe-scaled activations (hundreds each) overflow
-    65504, so this product runs outside autocast.
+    65504, so the product runs in float32 outside autocast. The gradient is one product in the
+    features' own dtype (see :class:`_Gram`).
     """
-    n, c, h, w = feat.shape
     with torch.autocast(device_type=feat.device.type, enabled=False):
-        f = feat.float().reshape(n, c, h * w)
-        return f.bmm(f.transpose(1, 2)) / (c * h * w)
+        return _Gram.apply(feat)
+
+
+def _as_matrix(feat: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``feat`` (N,C,H,W) as a view without a copy: (N, H*W, C) for channels-last (True), else (N, C, H*W)."""
+    n, c, h, w = feat.shape
+    if feat.is_contiguous(memory_format=torch.channels_last) and not feat.is_contiguous():
+        return feat.permute(0, 2, 3, 1).reshape(n, h * w, c), True
+    return feat.reshape(n, c, h * w), False
+
+
+class _Gram(torch.autograd.Function):
+    """G = F F^T / (C H W), with the backward dF = (dG + dG^T) F / (C H W) as one product.
+
+    Autograd's own backward of ``f.bmm(f.T)`` runs two float32 products and adds them; where ``f``
+    is a channels-last view the two gradients also differ in layout and the sum is a strided copy.
+    Here the backward is one product in the features' dtype where that is bf16 or float32 (bf16 on
+    AMX: the gradient is cast to it anyway; float16 features get a float32 product), and the gradient
+    keeps the features' layout, like the convolution's gradient that autograd adds it to.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, feat: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = feat.shape
+        ctx.save_for_backward(feat)
+        m, cl = _as_matrix(feat.float())  # autocast is off here (gram() turned it off)
+        return (m.transpose(1, 2).bmm(m) if cl else m.bmm(m.transpose(1, 2))) / (c * h * w)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (feat,) = ctx.saved_tensors
+        n, c, h, w = feat.shape
+        # bf16 has float32's range; float16 would flush the small entries of dG / (C H W) to zero.
+        work = feat.dtype if feat.dtype in (torch.bfloat16, torch.float32) else torch.float32
+        sym = ((grad + grad.transpose(1, 2)) / (c * h * w)).to(work)
+        m, cl = _as_matrix(feat.to(work))
+        out = m.bmm(sym).view(n, h, w, c).permute(0, 3, 1, 2) if cl else sym.bmm(m).view(n, c, h, w)
+        return out.to(feat.dtype)
 
 
 def content_loss(
@@ -206,13 +262,24 @@ def grid_loss(img: torch.Tensor, period: int = 4, tile: int = 64) -> torch.Tenso
     if h < tile or w < tile:
         return torch.zeros((), device=img.device)
     lo, hi = (period - 1) // 2, period // 2
-    box = F.avg_pool2d(F.pad(x, (lo, hi, lo, hi), mode="replicate"), period, stride=1)
+    box = F.avg_pool2d(_replicate_pad(x, lo, hi), period, stride=1)
     hp = x[..., :h, :w] - box[..., :h, :w]
     n, c = hp.shape[:2]
     r = tile // period
     t = hp.reshape(n, c, h // tile, r, period, w // tile, r, period).mean(dim=(3, 6))
     t = t - t.mean(dim=(3, 5), keepdim=True)
     return (t**2).sum() / n
+
+
+def _replicate_pad(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """``F.pad(x, (lo, hi, lo, hi), mode="replicate")`` from slices and ``cat``. Why: compiled, torch
+    2.13's backward of the replicate pad on a channels-last tensor fails its own stride check (the
+    meta kernel promises channels-last, the kernel returns contiguous)."""
+    for dim in (3, 2):
+        n = x.shape[dim]
+        parts = [x.narrow(dim, 0, 1)] * lo + [x] + [x.narrow(dim, n - 1, 1)] * hi
+        x = torch.cat(parts, dim=dim)
+    return x
 
 
 # ----------------------------------------------------------------------------------------------
