@@ -8,6 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -15,7 +18,7 @@ from mpistyle import bench
 from mpistyle.bench import ceiling, common, pipeline, scaling
 from mpistyle.errors import MpistyleError
 
-from .conftest import BBB, run_mpistyle
+from .conftest import BBB, ROOT, run_mpistyle
 
 SYNTHETIC = {  # per-frame costs in seconds, roughly those of a 640x272 frame on one core
     "network_s": 0.6, "flow_s": 0.01, "fuse_s": 0.005, "send_s": 0.0005, "decode_s": 0.002,
@@ -587,3 +590,16 @@ def test_marginal_cost_leaves_out_the_fixed_costs() -> None:
     assert row["worker_marginal_ms"] == pytest.approx(15.0) and ceiling.serial_ms(row) == pytest.approx(5.0)
     with pytest.raises(ValueError):
         ceiling.with_marginal(long, short)
+
+
+def test_bench_train_runs_both_settings_side_by_side(tmp_path) -> None:
+    """bin/bench-train: 0.3's default and today's, one size, a few steps; both rows come out with
+    positive images/s and a speed-up derived from them (no speed threshold here: see the README)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bin" / "bench-train"), "--sizes", "32", "--steps", "3",
+                           "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    row = re.search(r"^\| 32 px \| ([0-9.e+-]+) \(([0-9.e+-]+)\) \| ([0-9.e+-]+) \(([0-9.e+-]+)\) \| "
+                    r"([0-9.]+)x \(([0-9.]+)x\) \|$", proc.stdout, re.M)
+    assert row, proc.stdout
+    old, _, new, _, ratio, _ = map(float, row.groups())
+    assert old > 0 and new > 0 and ratio == pytest.approx(new / old, abs=0.051)
