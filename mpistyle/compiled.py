@@ -328,7 +328,11 @@ class CompileJob:
         self.info.update(info)
 
     def finish(self, comm: Any) -> dict[str, Any]:
-        """Collective: rank 0's package to every rank; all load it, or all stay eager. Returns the info."""
+        """Collective: rank 0's package to every rank; all load it, or none does. Returns the info.
+
+        The caller has the other ranks decode meanwhile (mpistyle.stylize.run); only the main thread
+        makes MPI collectives, so the helper threads' point-to-point traffic on ``comm`` does not mix in.
+        """
         wait_start = time.perf_counter()
         if self._thread is not None:
             self._thread.join()
@@ -349,7 +353,7 @@ class CompileJob:
             if data is not None:
                 info["error"] = f"a rank could not load the compiled network: {failed[0]}"
             if self.is_root:
-                logger.warning("the network runs eagerly on every rank: %s", info.get("error", "not compiled"))
+                logger.warning("the compiled network is not available: %s", info.get("error", "not compiled"))
             info["compiled"] = False
         info["wait_s"] = time.perf_counter() - wait_start
         info["bytes"] = len(data) if data is not None else 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import h5py
@@ -104,7 +105,7 @@ def test_a_corrupt_cache_is_ignored_with_a_warning(tmp_path, monkeypatch, caplog
     assert info["cache"] == "bad" and not info["compiled"] and "no C++ compiler" in info["error"]
     assert sty.compiled is None and sty.network == "fused-bf16-cl"  # every rank runs eagerly
     text = caplog.text
-    assert "ignoring the compiled-network cache" in text and "runs eagerly" in text
+    assert "ignoring the compiled-network cache" in text and "compiled network is not available" in text
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +137,10 @@ def test_compiled_frames_are_identical_on_two_ranks_and_the_cache_is_reused(comp
         assert np.array_equal(a["frames"][...], b["frames"][...])
         assert json.loads(a.attrs["settings"])["network"] == "compiled/fused-bf16-cl"
     assert len(list(compiled_runs["cache"].glob("*.pt2"))) == 1
+    # The source frames flowed while rank 0 obtained the package: each rank says how many were in.
+    for run in (compiled_runs[1], compiled_runs[2]):
+        for r in run["report"]["per_rank"]:
+            assert 0 <= r["counts"]["source_frames_ready_at_start"] <= 24
 
 
 def test_a_resume_takes_the_buffers_path(compiled_runs, model_args):
@@ -151,3 +156,40 @@ def test_an_incompatible_cache_is_ignored_with_a_warning(compiled_runs, tmp_path
     sty, info = _job_with(tmp_path / "cache", package, (1, 24, 32, 3), monkeypatch, caplog)
     assert info["cache"] == "bad" and not info["compiled"] and sty.compiled is None
     assert "ignoring the compiled-network cache" in caplog.text
+
+
+def test_a_failed_compilation_runs_eagerly_and_the_buffer_records_the_eager_path(tmp_path, model_args):
+    """No working C++ compiler (CXX=/bin/false, empty cache): rank 0's compilation fails after the buffer
+    was opened and the frames were already flowing; the job runs eagerly, the buffer is made again for
+    the eager path, and the frames equal those of a plain --compile off run."""
+    env = {compiled.CACHE_ENV: str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "CXX": "/bin/false"}
+    out, report = tmp_path / "failed.mp4", tmp_path / "failed.json"
+    run_mpistyle(["stylize", str(BBB), "-o", str(out), *model_args, "--compile", "on", "--keep-buffer",
+                  "--report", str(report), "--no-progress"], ranks=2, env=env, check=True, timeout=400)
+    net = json.loads(report.read_text())["network"]
+    assert not net["compiled"] and not net["path"].startswith("compiled/") and "compilation failed" in net["why"]
+    eager = tmp_path / "eager.mp4"
+    run_mpistyle(["stylize", str(BBB), "-o", str(eager), *model_args, "--compile", "off", "--keep-buffer",
+                  "--no-progress"], env={"OMP_NUM_THREADS": "1"}, check=True, timeout=400)
+    with h5py.File(str(out) + ".mpistyle.h5", "r") as a, h5py.File(str(eager) + ".mpistyle.h5", "r") as b:
+        assert json.loads(a.attrs["settings"])["network"] == net["path"] == json.loads(b.attrs["settings"])["network"]
+        assert a["done"][...].all() and np.array_equal(a["frames"][...], b["frames"][...])
+
+
+def test_a_resume_of_compiled_frames_stops_when_it_cannot_compile(compiled_runs, tmp_path, model_args):
+    """A buffer of compiled frames is never continued eagerly: without a compiler the rerun fails with one
+    clear line, and the buffer is left as it was."""
+    buffer = tmp_path / "again.mp4.mpistyle.h5"
+    shutil.copy(compiled_runs[1]["buffer"], buffer)
+    shutil.copytree(str(compiled_runs[1]["buffer"]) + ".parts", str(buffer) + ".parts")  # the frames' files
+
+    def contents() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in [buffer, *Path(str(buffer) + ".parts").iterdir()]}
+
+    before = contents()
+    assert len(before) > 1
+    env = {compiled.CACHE_ENV: str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "CXX": "/bin/false"}
+    proc = run_mpistyle(["stylize", str(BBB), "-o", str(tmp_path / "again.mp4"), *model_args, "--no-progress"],
+                        ranks=2, env=env, timeout=400)
+    assert proc.returncode != 0 and "made by the compiled network" in proc.stderr and "Traceback" not in proc.stderr
+    assert contents() == before and not (tmp_path / "again.mp4").exists()

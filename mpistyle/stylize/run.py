@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from fractions import Fraction
 from typing import Any
 
 from ..buffer import settings_digest
+from ..errors import MpistyleError
 from ..mpi import StopFlag, configure_threads, local_rank_and_size, pause_point, select_device, threads_per_rank
 from ..partition import RankPlan, make_plan
 from .comm import Messenger, Stopped, describe
@@ -65,23 +67,22 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
 
     stylizer, device, dtype, batch = collective(comm, load, root_only=False)
     # The numeric path, the same on every rank: compiled once per job (rank 0 compiles or reads the cache
-    # while the others wait idle; mpistyle.compiled), or the eager recipe.
+    # in a background thread; mpistyle.compiled), or the eager recipe. The wait for it is spent decoding.
     network, network_why = collective(comm, lambda: choose_network(opts, checked, stylizer))
-    compile_info: dict[str, Any] = {}
+    compile_job = None
     if network.startswith("compiled/"):
         from ..compiled import start_compile
 
-        compile_info = start_compile(comm, stylizer, (batch, checked.height, checked.width, 3)).finish(comm)
-        if not compile_info["compiled"]:  # every rank agrees (finish): the job runs eagerly
-            network_why += f"; compilation failed: {compile_info.get('error')}"
-            network = stylizer.network
+        compile_job = start_compile(comm, stylizer, (batch, checked.height, checked.width, 3))
     precision_name = str(dtype).replace("torch.", "") if dtype is not None else "float32"
     device_type = device.split(":")[0]
     segmented = uses_segments(opts.output, size, opts.encode)  # validated on rank 0 above
     seg_threads = segment_threads(device_type)
 
-    def open_on_root() -> Setup:
-        opened = open_buffer_on_root(opts, checked, precision_name, device_type, n_ranks=size, network=network)
+    def open_on_root(restart: bool = False) -> Setup:
+        """The buffer for the job's network path (``network`` as it stands); ``restart``: made afresh."""
+        opened = open_buffer_on_root(replace(opts, restart=True) if restart else opts, checked, precision_name,
+                                     device_type, n_ranks=size, network=network)
         if segmented:  # before any rank can write a segment; a resume keeps the blocks already encoded
             prepare_segment_dir(segment_dir(opts.output), resume=bool(opened.done.any()),
                                 params={"buffer": settings_digest(opened.settings), "crf": opts.crf,
@@ -90,7 +91,6 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
         return opened
 
     setup: Setup = collective(comm, open_on_root)
-    t_work = time.perf_counter()  # all ranks leave the setup collective together: a shared time origin
     temporal_on = opts.temporal.mode != "none"
     dynamic = opts.schedule == "dynamic"
     local_decode = checked.decode == "each"  # resolved on rank 0: static schedule only
@@ -102,11 +102,6 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     rp = plan.ranks[rank] if not dynamic else RankPlan(rank=rank, bounds=(0, 0))
     logger.debug("rank %d/%d (local %d/%d): device %s, %d threads, partition %s, %d runs, %d to do",
                  rank, size, local_rank, local_size, device, threads, rp.bounds, len(rp.runs), len(rp.todo))
-    if rank == 0:
-        logger.info("stylizing %d frames (%d to do) at %dx%d on %d rank(s), %d thread(s) each, device %s, %s "
-                    "(network %s: %s)", setup.n_frames, plan.n_todo, setup.width, setup.height, size, threads,
-                    device, precision_name, network, network_why)
-
     opened: list[Any] = []  # rank 0's FrameBuffer
 
     def index_on_root() -> None:
@@ -117,15 +112,6 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
         opened.append(index)
         index.write_index([(run.start, run.stop) for p in plan.ranks for run in p.runs])
 
-    collective(comm, index_on_root)  # before any rank reads stored frames from it
-    # Stored outputs that start runs exactly: each rank reads its own (static schedule).
-    state_frames = collective(comm, lambda: read_state_frames(setup.buffer_path, rp.buffer_frames()) if not dynamic
-                              else {}, root_only=False)
-    parallel = None
-    if setup.layout == "mpio":  # one file, written by every rank: opened together, closed together
-        from ..buffer import open_parallel
-
-        parallel = collective(comm, lambda: open_parallel(setup.buffer_path, comm), root_only=False)
     shape = (setup.height, setup.width, 3)
     # A rank that decodes its own frames reads its exports first (the network stylizes them first);
     # rank 0's decoder sends every rank its frames in video order.
@@ -135,11 +121,57 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     receiver = decoder = sink = store = None
     buffer = encoder = scheduler = None
     worker = None
+    parallel = None
+    compile_info: dict[str, Any] = {}
     outcome = "done"
+    t_work = time.perf_counter()
     try:
+        # The source frames flow while rank 0 compiles: they do not depend on the network path. (Dynamic:
+        # rank 0's decoder follows the scheduler, which needs the buffer; it starts below.)
+        if local_decode:  # every rank reads its own frames (a frame-exact seek); nothing is scattered
+            decoder = LocalDecoder(opts.input, (setup.width, setup.height), source_order, spool, msgr,
+                                   info=checked.info)
+        elif rank != 0:
+            receiver = Receiver(comm, chunk_list(rp.source_frames(), opts.chunk), spool, msgr, dynamic=dynamic,
+                                chunk=opts.chunk)
+        elif not dynamic:
+            decoder = Decoder(comm, opts.input, (setup.width, setup.height), plan, opts.chunk, spool, msgr,
+                              info=checked.info)
+        for th in (decoder, receiver):
+            if th is not None:
+                th.start()
+                threads_started.append(th)
+        if compile_job is not None:
+            compile_info = compile_job.finish(comm)
+            if not compile_info["compiled"]:  # every rank agrees (finish): the job runs eagerly
+                network_why += f"; compilation failed: {compile_info.get('error')}"
+                network = stylizer.network
+                # The buffer records the path its frames take. None is written yet: a fresh buffer is made
+                # again for the eager path; one being resumed holds compiled frames, which must not mix.
+                if setup.done.any():
+                    raise MpistyleError(f"the buffer's frames were made by the compiled network, which could not "
+                                        f"be compiled here ({compile_info.get('error')}); rerun, or start again "
+                                        "with --compile off --restart")
+                if rank == 0:
+                    logger.warning("the job runs eagerly (%s); its new buffer records that path", network)
+                setup = collective(comm, lambda: open_on_root(restart=True))
+        source_ready = spool.arrived  # decoded (or received) while the compilation ran: the report says it
+        t_work = time.perf_counter()  # all ranks left the last collective (setup or compile) together: a shared origin
+        if rank == 0:
+            logger.info("stylizing %d frames (%d to do) at %dx%d on %d rank(s), %d thread(s) each, device %s, %s "
+                        "(network %s: %s)", setup.n_frames, plan.n_todo, setup.width, setup.height, size, threads,
+                        device, precision_name, network, network_why)
+        collective(comm, index_on_root)  # before any rank reads stored frames from it
+        # Stored outputs that start runs exactly: each rank reads its own (static schedule).
+        state_frames = collective(comm, lambda: read_state_frames(setup.buffer_path, rp.buffer_frames())
+                                  if not dynamic else {}, root_only=False)
+        if setup.layout == "mpio":  # one file, written by every rank: opened together, closed together
+            from ..buffer import open_parallel
+
+            parallel = collective(comm, lambda: open_parallel(setup.buffer_path, comm), root_only=False)
         store = FrameStore(setup.buffer_path, setup.height, setup.width, settings_digest(setup.settings), msgr,
                            parallel=parallel)
-        threads_started.append(store)
+        later: list[threading.Thread] = [store]
         if rank == 0:
             from ..io.media import open_writer
 
@@ -153,26 +185,20 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
             sink = Sink(comm, buffer, encoder, setup, plan, msgr, opts.progress)
             if dynamic:
                 scheduler = sink.scheduler = Scheduler(plan, buffer)
-            threads_started.append(sink)
-        if local_decode:  # every rank reads its own frames (a frame-exact seek); nothing is scattered
-            decoder = LocalDecoder(opts.input, (setup.width, setup.height), source_order, spool, msgr,
-                                   info=checked.info)
-            threads_started.append(decoder)
-        elif rank == 0:
-            decoder = Decoder(comm, opts.input, (setup.width, setup.height), plan, opts.chunk, spool, msgr,
-                              scheduler=scheduler, info=checked.info)
-            threads_started.append(decoder)
-        else:
-            receiver = Receiver(comm, chunk_list(rp.source_frames(), opts.chunk), spool, msgr, dynamic=dynamic,
-                                chunk=opts.chunk)
-            threads_started.append(receiver)
-        for th in threads_started:
+                if not local_decode:
+                    decoder = Decoder(comm, opts.input, (setup.width, setup.height), plan, opts.chunk, spool, msgr,
+                                      scheduler=scheduler, info=checked.info)
+                    later.append(decoder)
+            later.append(sink)
+        for th in later:
             th.start()
+            threads_started.append(th)
         if rank == 0:
             logger.info("phase: compute")
         # Flow pool: on a GPU node the rank's cores are free for flow; on CPU ranks the network has them.
         worker = RankWorker(comm, rp, plan, setup, stylizer, opts.temporal, spool, msgr, store, batch, state_frames,
                             t0=t_work, flow_workers=threads if device_type == "cuda" else 1)
+        worker.counts["source_frames_ready_at_start"] = source_ready
         if sink is not None:
             sink.local = worker.progress
         if segmented:

@@ -58,6 +58,11 @@ class SourceSpool:
             self._count += len(data) // self.nbytes
             self._cond.notify_all()
 
+    @property
+    def arrived(self) -> int:
+        """Frames in the spool so far."""
+        return self._count
+
     def get(self, t: int) -> np.ndarray:
         slot = self.slot[t]
         if self._count <= slot:
