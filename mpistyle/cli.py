@@ -233,7 +233,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import metrics
-    from .training import losses, train
+    from .training import quality, train
 
     parser = _Parser(
         prog="mpistyle",
@@ -262,11 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_arguments(p)
     p.set_defaults(func=metrics.main)
 
-    p = sub.add_parser("quality", help="style and content loss of a model's output against its style image",
-                       description="VGG-19 style/content losses of stylized frames: source, untrained network and "
-                                   "the given models, to compare trained models.")
-    losses.add_arguments(p)
-    p.set_defaults(func=losses.main)
+    p = sub.add_parser("quality", help="how close a model's frames come to its painting, and the picture kept",
+                       description="Texture and palette closeness to the painting, structure kept and the period-4 "
+                                   "grid of a model's frames on held-out footage (optionally beside an "
+                                   "optimisation-based reference).")
+    quality.add_arguments(p)
+    p.set_defaults(func=quality.main)
 
     p = sub.add_parser("models", help="list the bundled models", description="List the bundled style models.")
     p.set_defaults(func=cmd_models)

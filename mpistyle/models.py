@@ -27,6 +27,7 @@ from mpistyle.nets import STALE_NORM_KEYS, PointwiseNet, TransformerNet
 logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+STYLES_DIR = Path(__file__).resolve().parent / "styles"  # the paintings of the bundled styles
 DEFAULT_MODEL = "starry-night"
 # One line each on what a bundled style looks like (``mpistyle models``).
 DESCRIPTIONS = {
@@ -50,6 +51,12 @@ def bundled_models() -> dict[str, str]:
     if not WEIGHTS_DIR.is_dir():
         return {}
     return {p.stem: str(p) for p in sorted(WEIGHTS_DIR.glob("*.pth"))}
+
+
+def bundled_style_image(spec: str) -> str | None:
+    """The painting a bundled style was trained on (``mpistyle/styles/NAME.jpg``), None for other models."""
+    path = STYLES_DIR / f"{spec}.jpg"
+    return str(path) if spec in bundled_models() and path.is_file() else None
 
 
 def resolve_model(spec: str | None) -> str:

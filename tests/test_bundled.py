@@ -1,8 +1,15 @@
-"""The bundled styles keep the picture: the bars of issue 22 on the held-out sample (mpistyle/data/sample.mp4)."""
+"""Every bundled style looks like its painting and keeps the picture: the four bars of issue 28 (texture and
+palette closeness to the painting, structure kept, the period-4 grid) on real held-out frames, stylized on
+the path users get on this machine (``Stylizer`` with precision ``auto``: bf16 and the fused norm where the
+CPU has native bf16, else fp32).
+
+Big Buck Bunny picks the checkpoints, so a second clip that no choice was made on (carphone, held out of
+training since 0.5) must pass the texture, structure and grid bars too; the palette is a ratio to the
+source's own distance from the painting, which is unstable on that clip's colours, so it is held on Big
+Buck Bunny only.
+"""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,36 +17,40 @@ import torch
 
 from mpistyle import engine, models
 from mpistyle.training import scores
-from mpistyle.training.content import sample_video_frames
+from mpistyle.training.content import load_image
+from mpistyle.training.quality import content_frames
 
-SAMPLE = Path(__file__).resolve().parents[1] / "mpistyle" / "data" / "sample.mp4"
+from .conftest import DATA
+
 STYLES = ("starry-night", "great-wave", "udnie")
+CLIPS = {"bbb": DATA / "bbb_640x272.mp4", "carphone": DATA / "carphone_clip.mp4"}
+HELD_ON = {"bbb": ("texture", "palette", "structure", "grid"), "carphone": ("texture", "structure", "grid")}
 
 
 @pytest.fixture(scope="module")
-def frames() -> np.ndarray:
-    return np.stack(sample_video_frames(str(SAMPLE), 3))
+def frames() -> dict[str, np.ndarray]:
+    # The issue's span: every 4th of the first 30 frames, short side 180 px.
+    return {name: content_frames(str(path), 30, 4, 180) for name, path in CLIPS.items()}
 
 
-def test_every_bundled_style_has_a_description():
-    assert set(models.bundled_models()) <= set(models.DESCRIPTIONS)
-    assert models.DEFAULT_MODEL in models.bundled_models()
+def test_every_bundled_style_has_a_description_and_a_painting():
+    bundled = models.bundled_models()
+    assert set(bundled) == set(STYLES)
+    assert models.DEFAULT_MODEL in bundled
+    assert set(bundled) <= set(models.DESCRIPTIONS)
+    for name in bundled:
+        assert models.bundled_style_image(name) is not None, name
+    assert models.bundled_style_image("not-a-style") is None
 
 
-def _recipe_trained() -> list[str]:
-    """The bundled styles trained with the staged CPU recipe (their files record the stages): held to the
-    bars. A v0.1 model has no stages; the default style must not be one (checked below)."""
-    return sorted(name for name, path in models.bundled_models().items() if models.model_info(path).get("stages"))
-
-
-def test_the_default_style_is_trained_with_the_recipe():
-    assert models.DEFAULT_MODEL in _recipe_trained()
-    assert set(models.bundled_models()) <= set(STYLES)
-
-
-@pytest.mark.parametrize("name", _recipe_trained())
-def test_bundled_style_keeps_the_picture_without_a_grid(name, frames):
+# Every file in mpistyle/weights is held to the bars: none can escape by how it was trained or recorded.
+@pytest.mark.parametrize("clip", sorted(CLIPS))
+@pytest.mark.parametrize("name", sorted(models.bundled_models()))
+def test_bundled_style_looks_like_its_painting_and_keeps_the_picture(name, clip, frames):
     net = models.load_model(name)
-    out = engine.Stylizer(net, torch.device("cpu"), "fp32")(frames)
-    s = scores.picture_scores(list(out), list(frames))
-    assert scores.passes(s) == {"structure": True, "grid": True, "psnr": True}, s
+    src = frames[clip]
+    out = engine.Stylizer(net, torch.device("cpu"), "auto")(src)
+    painting = scores.Painting.of(load_image(models.bundled_style_image(name)))
+    s = scores.style_scores(list(out), list(src), painting)
+    ok = scores.passes(s)
+    assert all(ok[k] for k in HELD_ON[clip]), (name, clip, s)

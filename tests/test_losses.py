@@ -1,8 +1,7 @@
-"""Perceptual and temporal losses, ``mpistyle quality``, and the one-way import structure."""
+"""Perceptual and temporal losses, and the one-way import structure."""
 
 from __future__ import annotations
 
-import argparse
 import ast
 from pathlib import Path
 
@@ -12,8 +11,6 @@ import pytest
 import torch
 
 from mpistyle.errors import MpistyleError
-from mpistyle.models import save_model
-from mpistyle.nets import TransformerNet
 from mpistyle.training import losses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,21 +138,3 @@ def test_style_content_losses_identity_is_zero(images):
     assert other["style"] > 0
 
 
-def test_quality_report_prints_table(images, tmp_path, capsys):
-    torch.manual_seed(0)
-    model = tmp_path / "m.pth"
-    save_model(TransformerNet(), str(model), {"style": "style.png"})
-    parser = argparse.ArgumentParser()
-    losses.add_arguments(parser)
-    args = parser.parse_args(
-        ["--model", str(model), "--style", images["style"], "--frame-source", str(CLIP), "--frames", "2",
-         "--size", "32"]
-    )
-    assert losses.main(args) == 0
-    out = capsys.readouterr().out
-    assert "source frames" in out and "untrained TransformerNet" in out and str(model) in out
-    rows = [ln for ln in out.splitlines() if str(model) in ln and "frames" not in ln]
-    # style, content, structure, grid, PSNR, then the verdict on the bars
-    assert len(rows) == 1 and len(rows[0].split()) >= 7
-    assert "structure" in out and "grid" in out and "PSNR" in out
-    assert "FAIL" in rows[0] and "content" in rows[0]  # an untrained net is no better than itself

@@ -50,10 +50,12 @@ from mpistyle.training.losses import (
     content_loss,
     grid_loss,
     masked_mse,
+    palette_directions,
+    palette_loss,
+    palette_targets,
     random_affines,
     style_grams_of,
     style_loss,
-    to_tensor,
     tv_loss,
     warp_affine,
     warp_by_grid,
@@ -87,6 +89,8 @@ COMPILE_MODES = ("auto", "on", "off")
 # --compile auto: compile the loss (about 60 s once, on a 2-core CPU) only when the run has at least
 # this many steps left, where the 2x faster steps repay it several times over.
 COMPILE_AUTO_MIN_STEPS = 300
+# Every PALETTE_STRIDE-th pixel (each way) of the output enters the palette loss.
+PALETTE_STRIDE = 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,6 +176,7 @@ class TrainConfig:
     lr_decay_steps: int = 0
     vgg_pool: str = "max"
     grid_weight: float = 0.0
+    palette_weight: float = 0.0
     postfilter: str = "none"  # recorded in the model file; the engine applies it at inference
     norm: str = "fused"  # "torch": nn.InstanceNorm2d, the network as mpistyle 0.3 trained it (for comparisons)
     score_on: str | None = None  # held-out video: score every checkpoint, keep the best model
@@ -202,6 +207,7 @@ class TrainConfig:
             "lr_decay_steps": self.lr_decay_steps,
             "vgg_pool": self.vgg_pool,
             "grid_weight": self.grid_weight,
+            "palette_weight": self.palette_weight,
             "postfilter": self.postfilter,
         }
 
@@ -349,11 +355,16 @@ class Trainer:
         layers = tuple(dict.fromkeys(cfg.style_layers + cfg.content_layers))
         self.vgg = VGG19Features(layers, pool=cfg.vgg_pool).to(self.device, memory_format=self.memory_format)
         self.style_grams = style_grams_of(self.vgg, self.style_image, cfg.style_layers)
+        self.palette_dirs = palette_directions()
+        side = -(-cfg.size // PALETTE_STRIDE)
+        self.palette_targets = palette_targets(self.style_image, self.palette_dirs, side * side).to(self.device)
+        self.palette_dirs = self.palette_dirs.to(self.device)
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.scores: list[dict[str, float]] = []  # --score-on: one record per scored checkpoint
         self.best: dict[str, float] | None = None
         self._score_frames: np.ndarray | None = None
+        self._painting: Any = None
         self.compiled = False
         # What a step calls for its loss parts: _loss_parts, or its compiled graph (see below).
         self._loss_fn: Any = self._loss_parts
@@ -441,7 +452,10 @@ class Trainer:
             with torch.no_grad():
                 fx = self.vgg(x, cfg.content_layers)  # only as deep as the content layers
             lc = content_loss(fy, fx, cfg.content_layers)
-            ls = style_loss(fy, self.style_grams, cfg.style_layers)
+            ls = cfg.style_weight * style_loss(fy, self.style_grams, cfg.style_layers)
+            if cfg.palette_weight > 0:  # counted with the style: the painting's colours are part of its look
+                ls = ls + cfg.palette_weight * palette_loss(y, self.palette_dirs, self.palette_targets,
+                                                            PALETTE_STRIDE)
             # The grid loss counts with the TV part (both penalise high frequencies the style did not ask for).
             ltv = cfg.tv_weight * tv_loss(y)
             if cfg.grid_weight > 0:
@@ -451,7 +465,7 @@ class Trainer:
                 lt = self._temporal_loss(x, y, theta, pairs, frac)
             else:
                 lt = torch.zeros((), device=x.device)
-        return torch.stack([cfg.content_weight * lc, cfg.style_weight * ls, ltv, cfg.temporal_weight * lt]).float()
+        return torch.stack([cfg.content_weight * lc, ls, ltv, cfg.temporal_weight * lt]).float()
 
     def _temporal_loss(self, x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor, pairs: torch.Tensor | None,
                        frac: float) -> torch.Tensor:
@@ -611,33 +625,32 @@ class Trainer:
         return self.cfg.best or (os.path.splitext(self.cfg.output)[0] + ".best.pth")
 
     def score_checkpoint(self) -> dict[str, float] | None:
-        """--score-on: score the current weights on held-out frames (structure, grid, PSNR, style loss);
-        keep the best model (every bar passed, then the lowest style loss; else the smallest shortfall)."""
+        """--score-on: score the current weights on held-out frames (texture and palette closeness to the
+        painting, structure kept, grid: :mod:`mpistyle.training.scores`) and keep the best model: the
+        one nearest to passing every bar, then the one that moved furthest toward the painting."""
         cfg = self.cfg
         if not cfg.score_on or self.comm.rank != 0:
             return None
-        from mpistyle.training import scores as sc
+        from mpistyle.training import scores as cl
         from mpistyle.training.losses import resize_short
 
         if self._score_frames is None:
             frames = sample_video_frames(cfg.score_on, max(1, cfg.score_frames))
             self._score_frames = np.stack([resize_short(f, cfg.score_size) for f in frames])
+            self._painting = cl.Painting.of(load_image(cfg.style))
         src = self._score_frames
         plain = self._plain_model()
         plain.postfilter = cfg.postfilter
         out = _engine.Stylizer(plain, torch.device("cpu"), "auto")(src)
-        rec = {"step": self.step, **sc.picture_scores(out, src)}
-        with torch.no_grad(), self._autocast():
-            feats = self.vgg(to_tensor(out).to(self.device))
-            rec["style_loss"] = float(style_loss(feats, self.style_grams, cfg.style_layers))
-        rec["shortfall"] = sc.shortfall(rec)
+        rec: dict[str, float] = {"step": self.step, **cl.style_scores(list(out), list(src), self._painting)}
+        rec["shortfall"] = cl.shortfall(rec)
+        rec["toward"] = rec["texture"] + rec["palette"]
         self.scores.append(rec)
-        better = self.best is None or (
-            (rec["shortfall"], rec["style_loss"] if rec["shortfall"] == 0 else 0.0)
-            < (self.best["shortfall"], self.best["style_loss"] if self.best["shortfall"] == 0 else 0.0)
-        )
-        logger.info("step %d held-out scores: structure %.3f grid %.2f psnr %.1f dB style %.4g%s", self.step,
-                    rec["structure"], rec["grid"], rec["psnr"], rec["style_loss"], " (best so far)" if better else "")
+        better = self.best is None or "toward" not in self.best or (
+            (rec["shortfall"], -rec["toward"]) < (self.best["shortfall"], -self.best["toward"]))
+        logger.info("step %d held-out scores: texture %.3f palette %.3f structure %.3f grid %.2f%s", self.step,
+                    rec["texture"], rec["palette"], rec["structure"], rec["grid"],
+                    " (best so far)" if better else "")
         if better:
             self.best = rec
             save_model(plain, self.best_path(), {**self._provenance(), "scores": rec}, half=True)
@@ -906,6 +919,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--lr-decay-steps", type=int, default=0, metavar="N",
                         help="length of the final lr decay (default 0: none)")
+    parser.add_argument("--palette-weight", type=float, default=0.0,
+                        help="weight of the palette loss: sliced Wasserstein distance, in 8-bit levels, between the "
+                        "output's pixel colours and the painting's (default 0)")
     parser.add_argument("--grid-weight", type=float, default=0.0,
                         help="weight of the period-4 grid loss (per-tile phase pattern of the output's "
                         "high-pass; counted with the TV part in the logs; default 0)")
@@ -1016,6 +1032,7 @@ def config_from_args(args: argparse.Namespace, comm: Comm) -> TrainConfig:
         lr_decay_steps=args.lr_decay_steps,
         vgg_pool=args.vgg_pool,
         grid_weight=args.grid_weight,
+        palette_weight=args.palette_weight,
         postfilter=args.postfilter,
         norm=args.norm,
         score_on=args.score_on,
