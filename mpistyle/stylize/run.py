@@ -10,7 +10,7 @@ from fractions import Fraction
 from typing import Any
 
 from ..buffer import settings_digest
-from ..errors import MpistyleError
+from ..errors import MpistyleError, exit_code_for
 from ..mpi import StopFlag, configure_threads, local_rank_and_size, pause_point, select_device, threads_per_rank
 from ..partition import RankPlan, make_plan
 from .comm import Messenger, Stopped, describe
@@ -213,7 +213,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     except Stopped:
         outcome = "stopped"
     except Exception as exc:  # noqa: BLE001 - every failure goes through the same shutdown
-        msgr.fail(describe(exc), getattr(exc, "exit_code", 1))
+        msgr.fail(describe(exc), exit_code_for(exc))
         outcome = "failed"
     try:
         report = shutdown(comm, msgr, worker, store, receiver, decoder, sink, buffer, encoder, setup, plan, opts,

@@ -25,6 +25,7 @@ from ..mpi import poll_until
 from ..partition import Plan, runs_of
 from .comm import TAG_GIVE, TAG_REQ, TAG_SRC, Messenger, ReportingThread, Stopped, mpi_any_source, mpi_status
 from .options import chunk_list
+from .spool import spool_write
 
 
 class SourceSpool:
@@ -53,7 +54,7 @@ class SourceSpool:
 
     def append(self, frames: np.ndarray) -> None:
         data = np.ascontiguousarray(frames).tobytes()
-        os.pwrite(self._file.fileno(), data, self._count * self.nbytes)
+        spool_write(self._file.fileno(), data, self._count * self.nbytes, self.scratch)
         with self._cond:
             self._count += len(data) // self.nbytes
             self._cond.notify_all()
