@@ -120,8 +120,9 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="run the network compiled (AOTInductor, one static shape per job): rank 0 compiles once, "
                         "or reads it from the cache of earlier jobs, and every rank runs the same package. auto "
-                        "(default): where it pays, on CPUs with native bf16, when each rank has more frames than "
-                        "the break-even; a resumed buffer keeps its choice")
+                        "(default): on CPUs with native bf16 with one thread per rank (--threads 1), when the "
+                        "whole video has at least the break-even frame count for its frame size; never from "
+                        "the rank count, so N ranks give 1 rank's frames. A resumed buffer keeps its choice")
     g.add_argument("--threads", type=_positive_int, default=None,
                    help="threads per rank (default SLURM_CPUS_PER_TASK, else node cores / ranks on the node)")
     g.add_argument("--chunk", type=_positive_int, default=8, help="frames per scatter message (default 8)")

@@ -193,7 +193,7 @@ def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, s
             per_rank[0]["times"]["join"] = time.perf_counter() - join_start
             streamed = sum(p["counts"].get("segment_frames", 0) for p in per_rank)
             leftover = sum(p["counts"].get("leftover_frames", 0) for p in per_rank)
-            logger.info("joined %d segments: %d frames encoded as they were computed, %d from the buffer by "
+            logger.debug("joined %d segments: %d frames encoded as they were computed, %d from the buffer by "
                         "the ranks, %d by rank 0 at the join", joined["segments"], streamed, leftover,
                         joined["frames_encoded_on_rank0"])
             verdict = ("done", "", 0)
