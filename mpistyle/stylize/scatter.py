@@ -1,4 +1,6 @@
-"""Scatter: rank 0 decodes the video once and streams each rank the frames it needs.
+"""Scatter: each rank's source frames into its spool. With ``--decode rank0`` rank 0 decodes the video
+once and streams each rank the frames it needs; with ``each`` (what ``--decode auto`` picks on several
+ranks with the static schedule, where the input seeks) every rank decodes its own.
 
 - :class:`Decoder` (rank 0, a thread): decode in order, ``Isend`` bounded chunks per destination.
 - :class:`Receiver` (ranks > 0, a thread): receive chunks into the rank's :class:`SourceSpool`.
