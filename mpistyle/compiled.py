@@ -53,7 +53,7 @@ FORMAT = 1  # bump when the package's contents or key change meaning
 CHECK_PSNR_DB = 35.0
 
 # Measured on the 2-core development machine (Xeon with AMX-BF16), bf16, `mpistyle bench --networks`
-# (README "The network 3x faster on CPUs"): what compiling costs and what it saves per frame, for
+# (docs/performance.md, the network paths): what compiling costs and what it saves per frame, for
 # --compile auto. Compilation: 11-29 s (export + AOTInductor), about the same at any frame size.
 COMPILE_COLD_S = 25.0
 COMPILE_WARM_S = 1.5  # a cached package: read, broadcast, load, check against the eager network

@@ -594,7 +594,7 @@ def test_marginal_cost_leaves_out_the_fixed_costs() -> None:
 
 def test_bench_train_runs_both_settings_side_by_side(tmp_path) -> None:
     """bin/bench-train: 0.3's default and today's, one size, a few steps; both rows come out with
-    positive images/s and a speed-up derived from them (no speed threshold here: see the README)."""
+    positive images/s and a speed-up derived from them (no speed threshold here: see docs/performance.md)."""
     proc = subprocess.run([sys.executable, str(ROOT / "bin" / "bench-train"), "--sizes", "32", "--steps", "3",
                            "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]

@@ -64,14 +64,14 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
 
-# Documented defaults (README "Training"). Losses are on caffe-scaled VGG-19 features (0..255 input).
+# Documented defaults (docs/training.md). Losses are on caffe-scaled VGG-19 features (0..255 input).
 DEFAULTS = {
     "size": 160,
     "batch_size": 4,
     "steps": 2000,
     "lr": 1e-3,
     "content_weight": 1.0,
-    "style_weight": 1.0,  # 10+ lets the texture wipe out the content (see README, Training)
+    "style_weight": 1.0,  # 10+ lets the texture wipe out the content (see docs/training.md)
     "tv_weight": 2e-2,
     "temporal_weight": 0.0,
     "style_size": 256,
