@@ -84,6 +84,13 @@ def io_failure(exc: OSError, what: str) -> IOFailure:
     return IOFailure(f"I/O error: cannot write {what} ({exc.strerror or _last(text)})")
 
 
+def write_failure(exc: OSError, what: str) -> MpistyleError:
+    """A failed write of ``what``: the disk's fault (IOFailure, exit 74) or the path's (exit 2)."""
+    if is_io_failure(exc):
+        return io_failure(exc, what)
+    return MpistyleError(f"cannot write {what}: {exc.strerror or exc}")
+
+
 def exit_code_for(exc: BaseException) -> int:
     """The exit status a failure ends in (see EXIT_STATUSES)."""
     if isinstance(exc, MpistyleError):

@@ -19,6 +19,7 @@ from mpistyle.errors import (
     MpistyleError,
     exit_code_for,
     io_failure,
+    write_failure,
 )
 
 
@@ -48,3 +49,10 @@ def test_stylize_help_lists_every_status_it_can_end_in():
     sub = build_parser()._subparsers._group_actions[0].choices["stylize"]  # noqa: SLF001
     for code in (0, 1, 2, 74, 75):
         assert f"{code} " in sub.description
+
+
+def test_a_failed_write_is_the_disks_fault_or_the_paths():
+    full = write_failure(OSError(errno.ENOSPC, "No space left on device"), "r.json")
+    assert full.exit_code == 74 and str(full) == "disk full: cannot write r.json (No space left on device)"
+    readonly = write_failure(OSError(errno.EROFS, "Read-only file system"), "r.json")
+    assert readonly.exit_code == 2 and str(readonly) == "cannot write r.json: Read-only file system"

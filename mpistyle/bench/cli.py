@@ -11,7 +11,7 @@ import tempfile
 from typing import Any
 
 from .. import __version__
-from ..errors import MpistyleError
+from ..errors import MpistyleError, write_failure
 from . import ceiling
 from .common import (
     CHECKOUT_CLIP,
@@ -440,7 +440,7 @@ def write_result(path: str | None, result: dict[str, Any]) -> None:
             json.dump(result, fh, indent=2, default=str)
             fh.write("\n")
     except OSError as exc:
-        raise MpistyleError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise write_failure(exc, path) from None
 
 
 def remove_quietly(path: str) -> None:
