@@ -242,6 +242,6 @@ def run_summary(n_frames: int, todo: int, width: int, height: int, ranks: int, m
     how = ", ".join([where, _SHORT_PRECISION.get(precision, precision)]
                     + (["compiled"] if network.startswith("compiled/") else []))
     done = n_frames - todo
-    resumed = f", {done} already done" if done else ""
-    return (f"stylizing {n_frames} frames{resumed} at {width}x{height} on {ranks} rank{'s' if ranks != 1 else ''} "
-            f"with '{style}' ({how})")
+    resumed = f"; {done} were done before, {todo} to go" if done else ""
+    return (f"stylizing {n_frames} frames at {width}x{height} on {ranks} rank{'s' if ranks != 1 else ''} "
+            f"with '{style}' ({how}){resumed}")
