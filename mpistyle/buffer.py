@@ -52,7 +52,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .errors import MpistyleError
+from .errors import IOFailure, MpistyleError, io_failure
 from .partition import runs_of
 
 logger = logging.getLogger(__name__)
@@ -76,9 +76,10 @@ def settings_digest(settings: dict[str, Any]) -> str:
 
 
 def _disk_error(exc: OSError, path: str) -> MpistyleError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space" in str(exc) or "quota" in str(exc).lower():
-        return MpistyleError(f"disk full: cannot write buffer {path} ({exc.strerror or exc})")
-    return MpistyleError(f"cannot write buffer {path}: {exc}")
+    """A failed buffer write: the path's fault (permissions: exit 2), else the disk's (exit 74)."""
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in str(exc):
+        return MpistyleError(f"cannot write buffer {path}: {exc.strerror or exc}")
+    return io_failure(exc, f"buffer {path}")
 
 
 @dataclass(frozen=True)
@@ -389,7 +390,7 @@ def check_free_space(path: str, n_frames: int, frame_bytes: int) -> None:
         return
     need = n_frames * frame_bytes + (1 << 20)  # frames + HDF5 metadata of the parts
     if need > free:
-        raise MpistyleError(f"disk full: buffer {path} needs {need / 1e6:.0f} MB for {n_frames} frames, "
+        raise IOFailure(f"disk full: buffer {path} needs {need / 1e6:.0f} MB for {n_frames} frames, "
                             f"{free / 1e6:.0f} MB are free on {directory}")
 
 

@@ -2,7 +2,8 @@
 
 Run under ``mpiexec -n N mpistyle ...`` or ``srun mpistyle ...``, or as a plain process. Every
 problem the user can fix ends as one ``mpistyle: error: ...`` line and a non-zero exit status on
-every rank (2: bad input, 75: interrupted, resumable; 1: other failure).
+every rank; the statuses are the table ``mpistyle.errors.EXIT_STATUSES`` (0 done, 1 other failure,
+2 bad input, 74 disk/I-O failure, 75 interrupted and resumable, 130 Ctrl-C).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .errors import Interrupted, MpistyleError
+from .errors import EX_FAILURE, EX_IOERR, EX_SIGINT, EX_USAGE, Interrupted, MpistyleError, io_failure, is_io_failure
 
 logger = logging.getLogger("mpistyle")
 
@@ -78,7 +79,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         if _rank() == 0:
             sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-        sys.exit(2)
+        sys.exit(EX_USAGE)
 
 
 def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
@@ -119,8 +120,9 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="run the network compiled (AOTInductor, one static shape per job): rank 0 compiles once, "
                         "or reads it from the cache of earlier jobs, and every rank runs the same package. auto "
-                        "(default): where it pays, on CPUs with native bf16, when each rank has more frames than "
-                        "the break-even; a resumed buffer keeps its choice")
+                        "(default): on CPUs with native bf16 with one thread per rank (--threads 1), when the "
+                        "whole video has at least the break-even frame count for its frame size; never from "
+                        "the rank count, so N ranks give 1 rank's frames. A resumed buffer keeps its choice")
     g.add_argument("--threads", type=_positive_int, default=None,
                    help="threads per rank (default SLURM_CPUS_PER_TASK, else node cores / ranks on the node)")
     g.add_argument("--chunk", type=_positive_int, default=8, help="frames per scatter message (default 8)")
@@ -246,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stylize", help="stylize a video (MPI-parallel, temporally consistent, resumable)",
                        description="Stylize a video across all MPI ranks. Exit status: 0 done, 2 bad input, "
-                                   "75 interrupted by SIGTERM/SIGUSR1 (rerun to resume), 1 other failure.")
+                                   "74 disk full or I/O error (rerun to resume once fixed), 75 interrupted by "
+                                   "SIGTERM/SIGUSR1 (rerun to resume), 1 other failure.")
     add_stylize_arguments(p)
     p.set_defaults(func=cmd_stylize)
 
@@ -368,14 +371,34 @@ def _dispatch(args: argparse.Namespace) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("mpistyle: interrupted\n")
-        return 130
-    except Exception as exc:  # noqa: BLE001 - last resort: one line, then end every rank
-        logger.debug("unexpected failure", exc_info=True)
-        sys.stderr.write(f"mpistyle: error: rank {_rank()}: internal error: {type(exc).__name__}: {exc} "
-                         "(run with -v for the traceback)\n")
+        return EX_SIGINT
+    except OSError as exc:
+        if not is_io_failure(exc):
+            return _internal_error(exc)
+        # The disk failed under a command with no handling of its own (a rank's own write): one line,
+        # then every rank ends (MPI_Abort with EX_IOERR) rather than wait for this one.
+        sys.stderr.write(f"mpistyle: error: {_where()}{io_failure(exc, exc.filename or 'a file')}\n")
         sys.stderr.flush()
-        _abort_world(1)
-        return 1
+        _abort_world(EX_IOERR)
+        return EX_IOERR
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, then end every rank
+        return _internal_error(exc)
+
+
+def _where() -> str:
+    mpi = sys.modules.get("mpi4py.MPI")
+    several = mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() and mpi.COMM_WORLD.Get_size() > 1
+    return f"rank {_rank()}: " if several else ""
+
+
+def _internal_error(exc: BaseException) -> int:
+    """Last resort: one line, then end every rank."""
+    logger.debug("unexpected failure", exc_info=exc)
+    sys.stderr.write(f"mpistyle: error: rank {_rank()}: internal error: {type(exc).__name__}: {exc} "
+                     "(run with -v for the traceback)\n")
+    sys.stderr.flush()
+    _abort_world(EX_FAILURE)
+    return EX_FAILURE
 
 
 if __name__ == "__main__":

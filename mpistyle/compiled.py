@@ -15,8 +15,10 @@ cache under many ranks: PyTorch PR 172144); torch's inductor cache of the compil
 temporary directory for the same reason. A package that does not load, or whose output strays from
 the eager network's, is ignored with a warning and compiled again.
 
-``--compile auto`` compiles where it pays: when the frames each rank will stylize save more than the
-compilation costs (:func:`break_even_frames`; measured figures below).
+``--compile auto`` compiles where it pays, decided from the whole video: when its frame count, at one
+thread, saves more than a cold compilation costs (:func:`break_even_frames`; measured figures below).
+The rank count never enters the decision (nor does a warm cache): the compiled and eager paths differ
+in the last bits, and a job must give the same frames on any number of ranks.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ FORMAT = 1  # bump when the package's contents or key change meaning
 CHECK_PSNR_DB = 35.0
 
 # Measured on the 2-core development machine (Xeon with AMX-BF16), bf16, `mpistyle bench --networks`
-# (README "The network 3x faster on CPUs"): what compiling costs and what it saves per frame, for
+# (docs/performance.md, the network paths): what compiling costs and what it saves per frame, for
 # --compile auto. Compilation: 11-29 s (export + AOTInductor), about the same at any frame size.
 COMPILE_COLD_S = 25.0
 COMPILE_WARM_S = 1.5  # a cached package: read, broadcast, load, check against the eager network
@@ -114,7 +116,9 @@ def key_digest(key: dict[str, Any]) -> str:
 
 
 def break_even_frames(height: int, width: int, threads: int = 1, cached: bool = False) -> float:
-    """Frames per rank from which compiling pays: compile (or load) cost over the saving per frame."""
+    """Frames from which compiling pays: compile (or load) cost over the saving per frame at ``threads``.
+
+    :func:`decide` applies it to the whole video's frame count at one thread, cold, whatever the rank count."""
     saving = SAVING_S_PER_MPIXEL * height * width / 1e6 / max(1, threads)
     return (COMPILE_WARM_S if cached else COMPILE_COLD_S) / max(saving, 1e-9)
 
@@ -146,7 +150,7 @@ def decide(option: str, device: torch.device, frames: int, height: int, width: i
         why = "set by the rank count" if threads is None else f"{threads}"
         return False, f"auto: threads per rank {why} (the compiled path runs one thread: --threads 1 to use it)"
     need = break_even_frames(height, width, 1, cached=False)
-    if frames >= need:
+    if frames >= need:  # the whole video's frames, not a rank's share: the same verdict on any rank count
         return True, f"auto: {frames} frames >= break-even {need:.0f}"
     return False, f"auto: {frames} frames < break-even {need:.0f}"
 

@@ -70,7 +70,7 @@ IO_BYTES_PER_PIXEL = 3 + 12 + 12 + 12 + 3
 AUTO_BATCH_SAFETY = 1.5
 AUTO_BATCH_MEMORY_FRACTION = 0.5  # of the free device memory at start: the rest for fusion and other ranks
 CUDA_MAX_AUTO_BATCH = 16  # H100 figures: 501 frames/s at 8, 536 at 32: past 16 only latency and memory grow
-# CPU: frames per call that the CPU figures favour (README "Measured"); batching buys nothing there.
+# CPU: frames per call that the CPU figures favour (docs/performance.md); batching buys nothing there.
 CPU_AUTO_BATCH = 1
 
 
@@ -217,7 +217,7 @@ def median3(y: torch.Tensor) -> torch.Tensor:
     return p.unfold(2, 3, 1).unfold(3, 3, 1).reshape(n, c, h, w, 9).median(dim=-1).values
 
 
-# How the network runs, per device and precision (measured: README "The network's speed").
+# How the network runs, per device and precision (measured: docs/performance.md; how: docs/design.md).
 # CPU with native bf16 (AMX, AVX512-BF16): weights and activations in bf16, channels-last, fused instance
 # norm (0.15 s against 0.38 s for bf16 autocast with torch's instance norm, 640x272, one thread).
 # CPU fp32 (640x272, one thread, side by side): torch's instance norm on NCHW 0.69 s, the fused norm on
@@ -225,7 +225,7 @@ def median3(y: torch.Tensor) -> torch.Tensor:
 # norm runs as batch_norm on a view (no copy) and its statistics are one pass: it stays.
 CPU_FP32_CHANNELS_LAST = False
 CPU_FP32_NORM = "torch"
-# CUDA: autocast and channels-last with torch's instance norm, as measured on the H100 (README); the
+# CUDA: autocast and channels-last with torch's instance norm, as measured on the H100 (docs/performance.md); the
 # fused norm is not measured on CUDA yet (channels-last instance norm is reported slower there, PyTorch
 # issue 59168), so CUDA keeps torch's until it is.
 CUDA_FUSED_NORM = False

@@ -25,7 +25,7 @@ from itertools import zip_longest
 import cv2
 import numpy as np
 
-from mpistyle.errors import MpistyleError
+from mpistyle.errors import MpistyleError, write_failure
 from mpistyle.io.media import iter_frames
 from mpistyle.partition import DEFAULT_ANCHOR_EVERY
 from mpistyle.partition import boundaries as partition_boundaries
@@ -253,5 +253,5 @@ def main(args: argparse.Namespace) -> int:
                 json.dump(result, fh, indent=2)
                 fh.write("\n")
         except OSError as exc:
-            raise MpistyleError(f"cannot write {args.json!r}: {exc.strerror}") from None
+            raise write_failure(exc, repr(args.json)) from None
     return 0

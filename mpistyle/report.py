@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MpistyleError
+from .errors import MpistyleError, write_failure
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _save(fig: Any, path: str) -> None:
     try:
         fig.savefig(path, dpi=110)
     except OSError as exc:
-        raise MpistyleError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise write_failure(exc, path) from None
     finally:
         plt.close(fig)
 
@@ -273,7 +273,7 @@ def write_plots(report: dict[str, Any], source_path: str, output_path: str, dire
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as exc:
-        raise MpistyleError(f"cannot create the plot directory {directory}: {exc.strerror or exc}") from None
+        raise write_failure(exc, f"the plot directory {directory}") from None
     paths = [os.path.join(directory, name) for name in PLOT_FILES]
     boundaries = [int(b) for b in report.get("boundaries") or ()]
     per_pair = _per_pair_from_report(report)

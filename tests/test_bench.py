@@ -594,7 +594,7 @@ def test_marginal_cost_leaves_out_the_fixed_costs() -> None:
 
 def test_bench_train_runs_both_settings_side_by_side(tmp_path) -> None:
     """bin/bench-train: 0.3's default and today's, one size, a few steps; both rows come out with
-    positive images/s and a speed-up derived from them (no speed threshold here: see the README)."""
+    positive images/s and a speed-up derived from them (no speed threshold here: see docs/performance.md)."""
     proc = subprocess.run([sys.executable, str(ROOT / "bin" / "bench-train"), "--sizes", "32", "--steps", "3",
                            "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
@@ -603,3 +603,41 @@ def test_bench_train_runs_both_settings_side_by_side(tmp_path) -> None:
     assert row, proc.stdout
     old, _, new, _, ratio, _ = map(float, row.groups())
     assert old > 0 and new > 0 and ratio == pytest.approx(new / old, abs=0.051)
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "--ceiling", "--ranks", "1,2", "--sizes", "640x360", "--encode", "segments"],
+    ["bench", "--ceiling", "--ceiling-temporal", "none", "--long-factor", "3", "--baseline-ref", "6cdba49"],
+    ["bench", "clip.mp4", "--ranks", "1,2", "--frames", "6", "--launcher-args=-bind-to core", "--json", "x.json"],
+    ["bench", "--networks", "--network-sizes", "640x272", "--network-threads", "1"],
+])
+def test_printed_command_reproduces_the_options_defaults_included(argv: list[str]) -> None:
+    """The line printed beside the tables parses back to the same settings, and it spells out the defaults
+    that decide what is measured (--ceiling-temporal, stylize's --temporal in the ceiling runs)."""
+    import shlex
+
+    from mpistyle.bench.cli import _CEILING_OPTIONS, _NETWORK_OPTIONS, reproduce_command
+    from mpistyle.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = reproduce_command(args)
+    words = shlex.split(command)
+    assert words[:2] == ["mpistyle", "bench"]
+    again = parser.parse_args(words[1:])
+    if args.ceiling:
+        assert f"--ceiling-temporal {args.ceiling_temporal}" in command  # flow unless asked: the default
+        checked = _CEILING_OPTIONS
+    elif args.networks:
+        checked = _NETWORK_OPTIONS
+    else:
+        checked = ("video", "ranks", "frames", "launcher_args", "threads_per_rank", "device", "compile", "encode")
+        assert "--json" not in command and "--ceiling-temporal" not in command
+    assert {k: getattr(again, k) for k in checked} == {k: getattr(args, k) for k in checked}
+
+
+def test_ceiling_table_prints_its_reproduce_command() -> None:
+    result = {"versions": [], "temporal": "flow", "threads": 1, "device": "cpu",
+              "host": {"cpus": 2, "load_start": 0.1, "load_end": 0.2}, "rows": [],
+              "command": "mpistyle bench --ceiling --ceiling-temporal flow"}
+    assert "  reproduce: mpistyle bench --ceiling --ceiling-temporal flow" in ceiling.format_ceiling(result)

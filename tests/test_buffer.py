@@ -21,7 +21,7 @@ from mpistyle.buffer import (
     remove_buffer,
     settings_digest,
 )
-from mpistyle.errors import MpistyleError
+from mpistyle.errors import IOFailure, MpistyleError
 
 SETTINGS = {"input": "abc", "model": "def", "temporal": "flow"}
 DIGEST = settings_digest(SETTINGS)
@@ -173,10 +173,10 @@ for t in range(50):
 def test_part_too_big_for_the_disk_fails_at_creation(small_tmpfs) -> None:
     path = os.path.join(small_tmpfs, "b.h5")
     FrameBuffer.open(path, 100, 180, 320, SETTINGS).close()
-    with pytest.raises(MpistyleError, match="disk full"):
+    with pytest.raises(IOFailure, match="disk full"):  # exit 74 (EX_IOERR), not bad input
         PartWriter(path, 0, 100, 180, 320, DIGEST)  # 17 MB on a 2 MB file system
     assert os.listdir(parts_dir(path)) == []  # nothing half-written left behind
-    with pytest.raises(MpistyleError, match="disk full.*needs"):
+    with pytest.raises(IOFailure, match="disk full.*needs"):
         check_free_space(path, 100, 180 * 320 * 3)
     remove_buffer(path)
     assert os.listdir(small_tmpfs) == []

@@ -204,7 +204,7 @@ def test_full_output_disk_keeps_every_frame_for_the_rerun(tmp_path, small_tmpfs,
     out = Path(small_tmpfs) / "out.mp4"
     proc = _start(["stylize", str(BBB), "-o", str(out), *model_args, "--buffer", str(buffer), "--no-progress"], 2)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 2, err  # a disk-full error is a user error (MpistyleError), as below
+    assert proc.returncode == 74, err  # EX_IOERR: the disk failed, not the command (mpistyle.errors)
     last = err.strip().splitlines()[-1]
     assert "disk full" in last and "rerun to encode" in last, err
     assert not out.exists() and sorted(os.listdir(small_tmpfs)) == ["filler"]
@@ -223,6 +223,29 @@ def test_buffer_that_does_not_fit_fails_before_any_work(tmp_path, small_tmpfs, m
     proc = _start(["stylize", str(SAMPLE), "-o", str(out), *model_args,
                    "--buffer", str(Path(small_tmpfs) / "b.h5")], 2)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2
+    assert proc.returncode == 74, err  # EX_IOERR: the same setup error on every rank
     assert err.strip().splitlines() == [err.strip().splitlines()[-1]]
     assert "disk full" in err and os.listdir(small_tmpfs) == []
+
+
+def test_full_scratch_disk_exits_74_and_the_rerun_resumes(tmp_path, small_tmpfs, model_args) -> None:
+    """The frame spool (--scratch) fills up mid-run: one line, EX_IOERR on every rank, the buffer kept;
+    the rerun with room for the spool computes only the frames still missing."""
+    buffer = tmp_path / "buf.h5"
+    filler = Path(small_tmpfs) / "filler"
+    filler.write_bytes(b"\0" * (2 * 1024 * 1024 - 40 * 1024))  # ~40 KB free: one 128x72 frame is 27 KB
+    out = tmp_path / "out.mp4"
+    args = ["stylize", str(BBB), "-o", str(out), *model_args, "--buffer", str(buffer), "--no-progress"]
+    proc = _start([*args, "--scratch", small_tmpfs], 2)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 74, err
+    errors = [line for line in err.splitlines() if line.startswith("mpistyle: error:")]
+    assert errors and all("disk full: cannot write the frame spool in " + small_tmpfs in e for e in errors), err
+    assert "Traceback" not in err and not out.exists()
+    assert buffer.exists()
+    done = _done_count(buffer)
+    proc = _start([*args, "--report", str(tmp_path / "r.json")], 2)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert json.loads((tmp_path / "r.json").read_text())["frames_computed"] == 24 - done
+    assert probe(str(out)).n_frames == 24

@@ -454,3 +454,34 @@ def test_slurm_usr1_to_the_batch_shell_before_the_launcher_requeues_and_finishes
     assert "run 2] paused" not in text and f"run 2] done: {out}" in text, text
     assert "not requeued" not in text and "Traceback" not in text and "mpistyle: error" not in text, text
     assert probe(str(out)).n_frames == N_FRAMES
+
+
+def test_slurm_preemption_requeues_and_finishes(cluster: Cluster, tmp_path: Path) -> None:
+    """A job in the higher-tier partition "urgent" (bin/slurm-up: preempt/partition_prio, PreemptMode=CANCEL)
+    takes the whole node: slurmctld sends SIGTERM to the batch script and the ranks, which save the
+    buffer; the script sees the preemption (a PreemptTime) and requeues; the rerun resumes and finishes.
+    (PREEMPTED is not a final state here: the requeued job runs again.)"""
+    # mpiexec: SLURM signals the batch step's every process (script, launcher, ranks) at once. (With srun, a
+    # requeued run has the same job and step ids; ranks that KillWait killed on this loaded machine left
+    # MPICH shared memory of that name behind, and the next run's MPI_Init failed on it.)
+    out, log = tmp_path / "out.mp4", tmp_path / "job.log"
+    job = cluster.submit("stylize-cpu.sbatch", str(BBB), str(out), "--no-progress",
+                         sbatch=("--ntasks=2", "--cpus-per-task=1"), log=log,
+                         env={"MPISTYLE_LAUNCHER": "mpiexec", "MPISTYLE_PAUSE_AT": "compute"})
+    cluster.wait_until(job, lambda: paused(log, "compute", 2), "both ranks paused at compute", log=log)
+    cluster.wait_for_frames(job, Path(f"{out}{BUFFER_SUFFIX}"))
+    urgent = cluster.run("sbatch", "--parsable", "--partition=urgent", "--exclusive", "--ntasks=1",
+                         f"--output={tmp_path / 'urgent.log'}", "--wrap=true").strip().split(";")[0]
+    info = cluster.wait(job, states={"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, log=log, timeout=WAIT_S)
+    text = job_log(log)
+    assert cluster.wait(urgent, timeout=WAIT_S)["JobState"] == "COMPLETED"
+    assert info["JobState"] == "COMPLETED", text
+    assert info["Restarts"] == "1", text
+    # The script requeues as soon as the TERM comes: SLURM kills it KillWait seconds later, maybe before
+    # the ranks have saved and exited.
+    assert "DUE TO PREEMPTION" in text and "run 1] preempted (JobState=" in text, text
+    assert f"requeued job {job}; the ranks save their work meanwhile" in text, text
+    resumed = re.search(r"resuming from .*: (\d+) of 24 frames already done", text)
+    assert resumed and int(resumed.group(1)) > 0, text  # the rerun kept the frames saved at the preemption
+    assert "not requeued" not in text and "Traceback" not in text and "mpistyle: error" not in text, text
+    assert probe(str(out)).n_frames == N_FRAMES

@@ -155,3 +155,19 @@ def test_dynamic_schedule_skips_empty_chunks(tmp_path, bbb_runs, model_args) -> 
     frames = _frames(Path(str(out) + ".mpistyle.h5"))
     assert np.array_equal(reference, frames)
     assert probe(str(out)).n_frames == 24
+
+
+def test_first_log_line_says_what_runs_in_plain_words_and_v_adds_the_details(tmp_path) -> None:
+    from mpistyle.models import DEFAULT_MODEL
+
+    plain = run_mpistyle(["stylize", str(BBB), "-o", str(tmp_path / "a.mp4"), "--scale", "0.5", "--no-progress"],
+                         ranks=2, check=True).stderr
+    info = [line.split(" INFO: ", 1)[1] for line in plain.splitlines() if " INFO: " in line]
+    assert info[0].startswith(f"stylizing 24 frames at 64x36 on 2 ranks with '{DEFAULT_MODEL}' (CPU, "), plain
+    assert not [line for line in info if "network" in line or "auto:" in line or "thread" in line], plain
+    verbose = run_mpistyle(["-v", "stylize", str(BBB), "-o", str(tmp_path / "b.mp4"), "--scale", "0.5",
+                            "--no-progress"], check=True).stderr
+    assert "on 1 rank with" in verbose
+    detail = [line for line in verbose.splitlines() if " DEBUG: network " in line]
+    assert len(detail) == 1 and ("auto:" in detail[0] or "--compile" in detail[0]) and "thread(s) per rank" in \
+        detail[0], verbose

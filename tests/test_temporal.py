@@ -141,7 +141,7 @@ def test_scene_cut_resets(bbb, carphone):
 
 
 def test_flow_mode_reduces_flicker(bbb, carphone):
-    # Measured (2026-12, v0.3): fused / none = 0.16 on bbb, 0.14 on carphone (the README's 0.10-0.22x).
+    # Measured (2026-12, v0.3): fused / none = 0.16 on bbb, 0.14 on carphone (docs/performance.md: 0.10-0.22x).
     # 0.3 leaves room for another OpenCV's DIS, and still fails if the fusion loses half its effect.
     for frames, seed in ((bbb, 6), (carphone, 7)):
         sty = flicker(frames, seed=seed)

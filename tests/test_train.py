@@ -504,3 +504,46 @@ def test_compiled_training_step_matches_the_eager_one(images, tmp_path):
     torch.testing.assert_close(pc, pe, rtol=1e-4, atol=0)
     cos = torch.nn.functional.cosine_similarity(gc, ge, dim=0)
     assert cos > 0.9999 and torch.linalg.vector_norm(gc) == pytest.approx(float(torch.linalg.vector_norm(ge)), rel=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 31: --device auto like stylize; a full disk is an I/O failure (exit 74) on every rank
+
+
+def _train_cmd(images: dict[str, str], out: Path, *extra: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "mpistyle"), "train", "--style", images["style"], "--content",
+            images["c0"], images["c1"], "-o", str(out), "--size", "32", "--batch-size", "2", "--style-size", "32",
+            "--seed", "3", "--threads", "1", *extra]
+
+
+def test_device_defaults_to_auto_which_is_this_machines_gpu_or_cpu(images, tmp_path):
+    import argparse
+
+    from mpistyle.training.train import _pick_device, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--style", images["style"], "--content", images["c0"], "-o", str(tmp_path / "m.pth")])
+    assert args.device == "auto"
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert _pick_device(args.device, Comm()) == expected
+    # The command itself, with no --device: the log says where it trained.
+    res = subprocess.run(_train_cmd(images, tmp_path / "m.pth", "--steps", "1"), cwd=ROOT, capture_output=True,
+                         text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert re.search(rf"training m\.pth for 1 steps on 1 rank\(s\), device {expected}\b", res.stderr), res.stderr
+
+
+def test_full_disk_ends_every_rank_with_74_and_one_line(images, tmp_path, small_tmpfs):
+    """The model and checkpoint (MBs) cannot fit the 2 MiB file system: rank 0's write fails, both ranks
+    end together with EX_IOERR, no traceback, nothing half-written left behind."""
+    out = Path(small_tmpfs) / "m.pth"
+    cmd = _train_cmd(images, out, "--steps", "2", "--checkpoint-every", "1", "--device", "cpu")
+    res = subprocess.run([_mpiexec(), "-n", "2", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 74, res.stderr[-2000:]
+    errors = [line for line in res.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("mpistyle: error: disk full: cannot write the checkpoint"), \
+        res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert os.listdir(small_tmpfs) == []

@@ -311,3 +311,4 @@ def test_full_disk_message(message: str) -> None:
     err = _ffmpeg_failure("/scratch/out.mp4", "ffmpeg failed while encoding",
                                 ["[mp4 @ 0x1] some context", message, "Conversion failed!"])
     assert str(err) == "disk full while writing /scratch/out.mp4"
+    assert err.exit_code == 74  # EX_IOERR, not the bad-input 2

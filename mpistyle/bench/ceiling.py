@@ -479,9 +479,11 @@ def format_ceiling(result: dict[str, Any]) -> str:
     """The table of runs, the baseline ratios and the scaling model's figures."""
     versions = result["versions"]
     lines = ["mpistyle bench --ceiling: the pipeline with an identity 1x1 network "
-             f"(--temporal {result['temporal']}, --threads {result['threads']}, device {result['device']}; "
+             f"(stylize --temporal {result['temporal']} --threads {result['threads']}, device {result['device']}; "
              f"{result['host']['cpus']} CPUs, load {result['host']['load_start']} at start, "
              f"{result['host']['load_end']} at end)"]
+    if result.get("command"):
+        lines.append(f"  reproduce: {result['command']}")
     for v in versions:
         extra = f" commit {v['commit']}" if v.get("commit") else ""
         lines.append(f"  {v['label']}: {v['source']}{extra}; --decode {'yes' if v['decode_flag'] else 'no'}")

@@ -11,7 +11,7 @@ import tempfile
 from typing import Any
 
 from .. import __version__
-from ..errors import MpistyleError
+from ..errors import MpistyleError, write_failure
 from . import ceiling
 from .common import (
     CHECKOUT_CLIP,
@@ -161,6 +161,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"rank 0's network link for the scaling model, Gb/s (default {ceiling.LINK_GBPS:g})")
 
 
+# The options each kind of bench run reads (``mpistyle bench --ceiling`` ignores the network table's, ...).
+_CEILING_OPTIONS = ("ranks", "frames", "encode", "decode", "device", "threads_per_rank", "gpu_rank_fps", "sizes",
+                    "long_factor", "ceiling_temporal", "baseline", "baseline_ref", "baseline_label", "link_gbps",
+                    "mpiexec")
+_NETWORK_OPTIONS = ("model", "device", "repeat", "network_sizes", "network_threads", "network_frames",
+                    "no_openvino")
+_OUTPUT_OPTIONS = ("json", "plots")  # where the results go, not what is measured
+_CEILING_ONLY = ("sizes", "decode", "long_factor", "ceiling_temporal", "baseline", "baseline_ref", "baseline_label",
+                 "link_gbps")
+
+
+def reproduce_command(args: argparse.Namespace, video: str | None = None) -> str:
+    """``mpistyle bench ...`` with every option the run used, defaults written out, so that rerunning the
+    printed line measures the same thing even after a default changes (``--ceiling-temporal`` went from
+    none to flow). Printed beside every table and kept in the JSON as ``command``."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    if args.ceiling:
+        words, wanted = ["mpistyle", "bench", "--ceiling"], set(_CEILING_OPTIONS)
+    elif args.networks:
+        words, wanted = ["mpistyle", "bench", "--networks"], set(_NETWORK_OPTIONS)
+    else:
+        words = ["mpistyle", "bench"]
+        wanted = {a.dest for a in parser._actions} - set(_CEILING_ONLY) - set(_OUTPUT_OPTIONS)  # noqa: SLF001
+        wanted -= {"ceiling", "networks"}
+    video = video or args.video
+    if video:
+        words.append(shlex.quote(video))
+    for action in parser._actions:  # noqa: SLF001 - the bench's own parser, built just above
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or action.dest not in wanted or value in (None, False, []):
+            continue
+        option = action.option_strings[-1]  # the long form
+        if value is True:
+            words.append(option)
+            continue
+        if isinstance(value, (list, tuple)):
+            text = shlex.join(value) if action.dest == "launcher_args" else ",".join(map(str, value))
+        else:
+            text = f"{value:g}" if isinstance(value, float) else str(value)
+        # An argument that starts with "-" (launcher options) must be attached: --launcher-args='-bind-to core'
+        words.append(f"{option}={shlex.quote(text)}" if text.startswith("-") else f"{option} {shlex.quote(text)}")
+    return " ".join(words)
+
+
 def _encode_list(text: str) -> str:
     items = [t for t in text.replace(" ", "").split(",") if t]
     if not items or any(t not in ("both", "auto", *ENCODE_MODES) for t in items):
@@ -302,6 +347,7 @@ def main(args: argparse.Namespace) -> int:
             "precision": forward["precision"],
             "threads_per_rank": threads,
             "launcher_args": args.launcher_args,
+            "command": reproduce_command(args, video),
             "host": {"cpus": cpus, "load_start": load_start, "load_end": load_average()},
             "forward": forward,
             "flow": flow,
@@ -362,6 +408,7 @@ def _main_networks(args: argparse.Namespace) -> int:
     if networks is None:
         raise MpistyleError("--networks measures the CPU paths at --network-sizes: run it with --device cpu")
     result = {"mpistyle": __version__, "video": video, "model": model_path, "networks": networks,
+              "command": reproduce_command(args, video),
               "host": {"cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
                        "load_start": load_average()}}
     print(format_networks(result))
@@ -377,7 +424,9 @@ def _main_ceiling(args: argparse.Namespace) -> int:
     args.encode = args.encode or "both"
     if "auto" in args.encode.split(","):
         raise MpistyleError("--ceiling --encode takes rank0 and/or segments")
+    args.ranks = sorted(set(args.ranks or ceiling.DEFAULT_RANKS))  # as ceiling.run takes them: the command says so
     result = ceiling.run(args, find_mpiexec(args.mpiexec))
+    result["command"] = reproduce_command(args)
     print(ceiling.format_ceiling(result))
     write_result(args.json, ceiling.json_safe(result))
     return 0
@@ -391,7 +440,7 @@ def write_result(path: str | None, result: dict[str, Any]) -> None:
             json.dump(result, fh, indent=2, default=str)
             fh.write("\n")
     except OSError as exc:
-        raise MpistyleError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise write_failure(exc, path) from None
 
 
 def remove_quietly(path: str) -> None:

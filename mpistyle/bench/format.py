@@ -34,6 +34,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"{result['width']}x{result['height']}), model {os.path.basename(result['model'])}",
         f"device {fwd['device']}, precision {fwd['precision']}, {result['threads_per_rank']} thread(s) per "
         f"rank, {host['cpus']} CPUs, load (1 min) {host['load_start']} at start, {host['load_end']} at end",
+        *([f"reproduce: {result['command']}"] if result.get("command") else []),
         "",
         f"network forward (pure, 1 frame/call, {fwd['frames']} frames after {fwd['warmup_calls']} warm-up "
         f"calls): {fwd['per_frame_s']:.4f} s/frame (median {fwd['median_s']:.4f}, min {fwd['min_s']:.4f}; "
@@ -162,6 +163,7 @@ def format_networks(result: dict[str, Any]) -> str:
     """``mpistyle bench --networks``: the network-paths table with its heading."""
     return "\n".join([f"mpistyle bench --networks: {result['video']}, model {os.path.basename(result['model'])}, "
                       f"{result['host']['cpus']} CPUs, load (1 min) {result['host']['load_start']}",
+                      *([f"reproduce: {result['command']}"] if result.get("command") else []),
                       *_network_lines(result)])
 
 

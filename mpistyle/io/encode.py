@@ -68,6 +68,8 @@ class VideoEncoder(AtomicOutput):
     Use as a context manager (``close`` on success, ``abort`` on exception) or call ``close``/``abort``.
     """
 
+    log_level = logging.INFO  # of the "wrote ..." line; a segment of the output logs it at DEBUG
+
     def __init__(self, out_path: str, width: int, height: int, fps: Fraction, audio_from: str | None = None,
                  crf: int = 18, preset: str = "medium", threads: int = 0) -> None:
         self.out_path = os.fspath(out_path)
@@ -207,8 +209,8 @@ class VideoEncoder(AtomicOutput):
             os.replace(result, self.out_path)
         except OSError as exc:
             raise _ffmpeg_failure(self.out_path, "cannot save", str(exc)) from exc
-        logger.info("wrote %s (%d frames, %dx%d, %s fps%s)", self.out_path, self.frames_written, self.width,
-                    self.height, self.fps, ", with audio" if self._audio_from else "")
+        logger.log(self.log_level, "wrote %s (%d frames, %dx%d, %s fps%s)", self.out_path, self.frames_written,
+                   self.width, self.height, self.fps, ", with audio" if self._audio_from else "")
 
     def _mux_audio(self, source: str) -> None:
         duration = f"{float(self.frames_written / self.fps):.6f}"

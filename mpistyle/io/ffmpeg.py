@@ -19,7 +19,7 @@ import os
 import re
 import subprocess
 
-from mpistyle.errors import MpistyleError
+from mpistyle.errors import IOFailure, MpistyleError
 from mpistyle.io import children
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,9 @@ def _ffmpeg_failure(out_path: str, what: str, lines: list[str] | str) -> Mpistyl
     """One-line error for a failed ffmpeg write: recognise a full disk / permissions, else quote ffmpeg."""
     text = lines if isinstance(lines, str) else "\n".join(lines)
     if any(marker in text for marker in _DISK_FULL):
-        return MpistyleError(f"disk full while writing {out_path}")
+        return IOFailure(f"disk full while writing {out_path}")
+    if "Input/output error" in text:
+        return IOFailure(f"I/O error while writing {out_path}")
     if "Permission denied" in text:
         return MpistyleError(f"permission denied while writing {out_path}")
     return MpistyleError(f"{what} {out_path}: {_last_line(text)}")

@@ -20,7 +20,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from mpistyle.errors import MpistyleError
+from mpistyle.errors import MpistyleError, write_failure
 from mpistyle.io import sequence
 from mpistyle.io.decode import _check_start, iter_video_frames
 from mpistyle.io.encode import VIDEO_EXTENSIONS, VideoEncoder
@@ -90,7 +90,7 @@ def check_output(input_path: str, output: str) -> None:
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".mpistyle-probe-"):
             pass
     except OSError as exc:
-        raise MpistyleError(f"cannot write to the output directory {directory}: {exc.strerror}") from None
+        raise write_failure(exc, f"to the output directory {directory}") from None
     if output.lower().endswith(".webm") and "libvpx-vp9" not in ffmpeg_encoders():
         raise MpistyleError(f"{output}: this ffmpeg ({ffmpeg_exe()}) has no VP9 encoder (libvpx-vp9) for .webm")
 

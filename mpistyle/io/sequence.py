@@ -31,7 +31,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from mpistyle.errors import MpistyleError
+from mpistyle.errors import IOFailure, MpistyleError
 from mpistyle.io.atomic import AtomicOutput
 
 logger = logging.getLogger(__name__)
@@ -361,7 +361,7 @@ def _write_error(out_path: str, exc: OSError) -> MpistyleError:
     import errno
 
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return MpistyleError(f"disk full while writing {out_path}")
+        return IOFailure(f"disk full while writing {out_path}")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return MpistyleError(f"permission denied while writing {out_path}")
-    return MpistyleError(f"cannot write {out_path}: {exc.strerror or exc}")
+    return IOFailure(f"cannot write {out_path}: {exc.strerror or exc}")

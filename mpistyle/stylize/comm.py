@@ -6,7 +6,7 @@ import logging
 import threading
 from typing import Any
 
-from ..errors import MpistyleError
+from ..errors import MpistyleError, exit_code_for, io_failure, is_io_failure
 from ..mpi import StopFlag, poll_until
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class ReportingThread(threading.Thread):
         try:
             self._run()
         except Exception as exc:  # noqa: BLE001 - reported to the main thread
-            self.msgr.fail(describe(exc), getattr(exc, "exit_code", 1))  # bad input (e.g. a damaged frame): 2
+            self.msgr.fail(describe(exc), exit_code_for(exc))  # e.g. 2: a damaged frame, 74: a full spool disk
 
     def _run(self) -> None:
         raise NotImplementedError
@@ -99,8 +99,8 @@ def mpi_status() -> Any:
 def describe(exc: BaseException) -> str:
     if isinstance(exc, MpistyleError):
         return str(exc)
-    if isinstance(exc, OSError) and exc.errno == 28:
-        return f"disk full: {exc.filename or ''} ({exc.strerror})"
+    if isinstance(exc, OSError) and is_io_failure(exc):
+        return str(io_failure(exc, exc.filename or "a file"))
     if isinstance(exc, MemoryError):
         return "out of memory (try a smaller --batch or --scale)"
     logger.debug("internal error", exc_info=exc)

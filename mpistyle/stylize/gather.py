@@ -91,6 +91,7 @@ class Sink(ReportingThread):
         self.scheduler: Scheduler | None = None
         self.failed = False
         self.encode_error = ""
+        self.encode_failure: MpistyleError | None = None  # its exit status too (74: the output disk)
         self.by_rank: dict[int, Progress] = {}
 
     def _run(self) -> None:
@@ -154,6 +155,7 @@ class Sink(ReportingThread):
             # The output failed (e.g. its disk is full) but the buffer is fine: keep stylizing into
             # the buffer and report at the end, so a rerun only has to encode.
             self.encode_error = str(exc)
+            self.encode_failure = exc
             self.encoder.abort()
             self.encoder = None
         self.encode_s += time.perf_counter() - start

@@ -40,7 +40,9 @@ class StylizeOptions:
     chunks: int = 0  # dynamic: number of contiguous chunks (0: 4 per rank)
     crf: int = 18
     encode: str = "auto"  # auto | rank0 | segments (see segments.py)
-    decode: str = "rank0"  # rank0: rank 0 decodes and scatters | each: every rank decodes its own frames
+    # rank0: rank 0 decodes and scatters | each: every rank decodes its own frames | auto (the CLI's default):
+    # each with the static schedule on several ranks where the input seeks, else rank0 (setup.resolve_decode)
+    decode: str = "rank0"
     fps: Fraction | None = None  # rate of an image-sequence input (--fps; default 25)
     report: str | None = None
     progress: bool = True

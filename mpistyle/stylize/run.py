@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import replace
@@ -10,7 +11,7 @@ from fractions import Fraction
 from typing import Any
 
 from ..buffer import settings_digest
-from ..errors import MpistyleError
+from ..errors import MpistyleError, exit_code_for
 from ..mpi import StopFlag, configure_threads, local_rank_and_size, pause_point, select_device, threads_per_rank
 from ..partition import RankPlan, make_plan
 from .comm import Messenger, Stopped, describe
@@ -73,6 +74,9 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     if network.startswith("compiled/"):
         from ..compiled import start_compile
 
+        if rank == 0:
+            logger.info("preparing the compiled network for %dx%d frames (compiled once per frame size and "
+                        "machine, then read from the cache)", checked.width, checked.height)
         compile_job = start_compile(comm, stylizer, (batch, checked.height, checked.width, 3))
     precision_name = str(dtype).replace("torch.", "") if dtype is not None else "float32"
     device_type = device.split(":")[0]
@@ -158,9 +162,10 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
         source_ready = spool.arrived  # decoded (or received) while the compilation ran: the report says it
         t_work = time.perf_counter()  # all ranks left the last collective (setup or compile) together: a shared origin
         if rank == 0:
-            logger.info("stylizing %d frames (%d to do) at %dx%d on %d rank(s), %d thread(s) each, device %s, %s "
-                        "(network %s: %s)", setup.n_frames, plan.n_todo, setup.width, setup.height, size, threads,
-                        device, precision_name, network, network_why)
+            logger.info(run_summary(setup.n_frames, plan.n_todo, setup.width, setup.height, size,
+                                    checked.model_path, device, precision_name, network))
+            # The details, for -v: the numeric recipe, why it was (not) compiled, the threads.
+            logger.debug("network %s (%s); %d thread(s) per rank", network, network_why, threads)
         collective(comm, index_on_root)  # before any rank reads stored frames from it
         # Stored outputs that start runs exactly: each rank reads its own (static schedule).
         state_frames = collective(comm, lambda: read_state_frames(setup.buffer_path, rp.buffer_frames())
@@ -213,7 +218,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     except Stopped:
         outcome = "stopped"
     except Exception as exc:  # noqa: BLE001 - every failure goes through the same shutdown
-        msgr.fail(describe(exc), getattr(exc, "exit_code", 1))
+        msgr.fail(describe(exc), exit_code_for(exc))
         outcome = "failed"
     try:
         report = shutdown(comm, msgr, worker, store, receiver, decoder, sink, buffer, encoder, setup, plan, opts,
@@ -224,3 +229,19 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
         report["network"] = {"path": network, "why": network_why, **compile_info}
     logger.debug("rank %d: work ended: %s", rank, outcome)
     return report
+
+
+_SHORT_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def run_summary(n_frames: int, todo: int, width: int, height: int, ranks: int, model_path: str, device: str,
+                precision: str, network: str) -> str:
+    """The line a user reads first: what is stylized, where and how, in plain words (details at -v)."""
+    style = os.path.splitext(os.path.basename(model_path))[0]
+    where = "CPU" if device == "cpu" else f"GPU {device}"
+    how = ", ".join([where, _SHORT_PRECISION.get(precision, precision)]
+                    + (["compiled"] if network.startswith("compiled/") else []))
+    done = n_frames - todo
+    resumed = f"; {done} were done before, {todo} to go" if done else ""
+    return (f"stylizing {n_frames} frames at {width}x{height} on {ranks} rank{'s' if ranks != 1 else ''} "
+            f"with '{style}' ({how}){resumed}")

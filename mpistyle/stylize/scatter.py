@@ -1,4 +1,6 @@
-"""Scatter: rank 0 decodes the video once and streams each rank the frames it needs.
+"""Scatter: each rank's source frames into its spool. With ``--decode rank0`` rank 0 decodes the video
+once and streams each rank the frames it needs; with ``each`` (what ``--decode auto`` picks on several
+ranks with the static schedule, where the input seeks) every rank decodes its own.
 
 - :class:`Decoder` (rank 0, a thread): decode in order, ``Isend`` bounded chunks per destination.
 - :class:`Receiver` (ranks > 0, a thread): receive chunks into the rank's :class:`SourceSpool`.
@@ -25,6 +27,7 @@ from ..mpi import poll_until
 from ..partition import Plan, runs_of
 from .comm import TAG_GIVE, TAG_REQ, TAG_SRC, Messenger, ReportingThread, Stopped, mpi_any_source, mpi_status
 from .options import chunk_list
+from .spool import spool_write
 
 
 class SourceSpool:
@@ -53,7 +56,7 @@ class SourceSpool:
 
     def append(self, frames: np.ndarray) -> None:
         data = np.ascontiguousarray(frames).tobytes()
-        os.pwrite(self._file.fileno(), data, self._count * self.nbytes)
+        spool_write(self._file.fileno(), data, self._count * self.nbytes, self.scratch)
         with self._cond:
             self._count += len(data) // self.nbytes
             self._cond.notify_all()

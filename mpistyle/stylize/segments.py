@@ -260,7 +260,9 @@ def open_segment(directory: str, first: int, width: int, height: int, fps: Fract
     from ..io.encode import VideoEncoder
 
     path = os.path.join(directory, f"seg-{first:09d}.partial.mp4")
-    return (factory or VideoEncoder)(path, width, height, fps, crf=crf, preset="veryfast", threads=threads)
+    encoder = (factory or VideoEncoder)(path, width, height, fps, crf=crf, preset="veryfast", threads=threads)
+    encoder.log_level = logging.DEBUG  # a part of the output, not the output: a detail (-v)
+    return encoder
 
 
 def finish_segment(directory: str, encoder: Any, first: int, count: int) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..errors import MpistyleError
+from ..errors import MpistyleError, exit_code_for
 from .comm import describe
 from .options import Setup, StylizeOptions, default_buffer_path, file_fingerprint, input_fingerprint, validate_output
 from .segments import uses_segments
@@ -30,7 +30,7 @@ def collective(comm: Any, fn: Any, root_only: bool = True) -> Any:
             error = (str(exc), exc.exit_code)
         except Exception as exc:  # noqa: BLE001 - turned into one clear line on every rank
             logger.debug("setup failed", exc_info=True)
-            error = (describe(exc), 1)
+            error = (describe(exc), exit_code_for(exc))
     if root_only:
         result, error = comm.bcast((result, error), root=0)
     else:

@@ -22,7 +22,7 @@ from typing import Any
 
 from .. import __version__
 from ..buffer import remove_buffer
-from ..errors import Interrupted, MpistyleError
+from ..errors import Interrupted, MpistyleError, io_failure
 from ..mpi import StopFlag, pause_point, poll_until
 from ..partition import Plan
 from .comm import TAG_FIN, TAG_GIVE, Messenger
@@ -193,7 +193,7 @@ def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, s
             per_rank[0]["times"]["join"] = time.perf_counter() - join_start
             streamed = sum(p["counts"].get("segment_frames", 0) for p in per_rank)
             leftover = sum(p["counts"].get("leftover_frames", 0) for p in per_rank)
-            logger.info("joined %d segments: %d frames encoded as they were computed, %d from the buffer by "
+            logger.debug("joined %d segments: %d frames encoded as they were computed, %d from the buffer by "
                         "the ranks, %d by rank 0 at the join", joined["segments"], streamed, leftover,
                         joined["frames_encoded_on_rank0"])
             verdict = ("done", "", 0)
@@ -208,8 +208,10 @@ def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, s
                 sink.encoder = encoder = None
                 verdict = ("done", "", 0)
             else:
-                raise MpistyleError(sink.encode_error)
+                raise sink.encode_failure or MpistyleError(sink.encode_error)
         elif complete:
+            if sink is not None and sink.encode_failure is not None:
+                raise sink.encode_failure
             raise MpistyleError(sink.encode_error if sink is not None else "nothing was encoded")
         else:
             signal_name = next((p["signal"] for p in per_rank if p["signal"]), "")
@@ -217,7 +219,9 @@ def _finish_on_root(per_rank: list[dict[str, Any]], buffer: Any, encoder: Any, s
             done = int(buffer.done.sum()) if buffer is not None else 0
             verdict = ("stopped", f"{why}: {done}/{setup.n_frames} frames are safe in {setup.buffer_path}; "
                                   "rerun the same command to resume", Interrupted.exit_code)
-    except MpistyleError as exc:
+    except (MpistyleError, OSError) as exc:
+        if not isinstance(exc, MpistyleError):  # the output's file system failed (a join, a rename)
+            exc = io_failure(exc, opts.output)
         asked = _stop_signal(per_rank, stop)
         if asked:
             # A stop was asked for and every frame is committed: whatever ended the encoder (a child
@@ -295,7 +299,7 @@ def _encode_leftovers(comm: Any, msgr: Messenger, buffer: Any, setup: Setup, pla
             encoded = encode_blocks(segment_dir(opts.output), mine, setup.n_frames, setup.width, setup.height,
                           Fraction(setup.fps_num, setup.fps_den), reader.read, opts.crf,
                           segment_threads(device.split(":")[0]))
-        except MpistyleError as exc:  # rank 0 encodes what is still missing before the join
+        except MpistyleError as exc:  # rank 0 encodes what is still missing before the join (and fails there)
             logger.warning("rank %d: encoding blocks %s from the buffer failed (%s)", comm.Get_rank(), mine, exc)
         finally:
             if reader is not buffer:

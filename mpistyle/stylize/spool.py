@@ -7,10 +7,27 @@ own frames while its own warm-up is on the way; both are fused later, in frame o
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 
 import numpy as np
+
+from ..errors import io_failure
+
+
+def spool_write(fd: int, data: bytes, offset: int, scratch: str | None) -> None:
+    """pwrite all of ``data`` at ``offset``; a full scratch disk is an I/O failure (exit 74) naming it."""
+    try:
+        written = os.pwrite(fd, data, offset)
+        while written < len(data):  # a short write comes before ENOSPC: finish it or get the error
+            more = os.pwrite(fd, data[written:], offset + written)
+            if more == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            written += more
+    except OSError as exc:
+        where = scratch or tempfile.gettempdir()
+        raise io_failure(exc, f"the frame spool in {where} (--scratch)") from None
 
 
 class OutputSpool:
@@ -19,6 +36,7 @@ class OutputSpool:
     def __init__(self, shape: tuple[int, int, int], scratch: str | None) -> None:
         self.shape = shape
         self.nbytes = int(np.prod(shape))
+        self.scratch = scratch
         self._file = tempfile.TemporaryFile(dir=scratch, prefix="mpistyle-outputs-")
         self._slots: dict[int, int] = {}
         self._free: list[int] = []
@@ -32,7 +50,8 @@ class OutputSpool:
             slot = self._free.pop()
         else:
             slot, self._next = self._next, self._next + 1
-        os.pwrite(self._file.fileno(), np.ascontiguousarray(frame, dtype=np.uint8).tobytes(), slot * self.nbytes)
+        spool_write(self._file.fileno(), np.ascontiguousarray(frame, dtype=np.uint8).tobytes(), slot * self.nbytes,
+                    self.scratch)
         self._slots[t] = slot
         self.peak = max(self.peak, len(self._slots))
 

@@ -58,7 +58,7 @@ _VGG19_CFG: list[tuple[str, int] | str] = [
 ]
 VGG19_LAYERS = [f"relu{c[0]}" for c in _VGG19_CFG if isinstance(c, tuple)]
 
-# Defaults (documented in the README): Gatys et al.'s style layers up to relu4_1, and
+# Defaults (documented in docs/training.md): Gatys et al.'s style layers up to relu4_1, and
 # fast_neural_style's shallow content layer, which keeps the frame's structure recognisable.
 DEFAULT_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1")
 DEFAULT_CONTENT_LAYERS = ("relu2_2",)

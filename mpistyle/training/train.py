@@ -16,6 +16,7 @@ in channels-last layout, and a single rank never copies its gradients to the hos
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ import torch
 from mpistyle import __version__
 from mpistyle import engine as _engine
 from mpistyle import models as _models
-from mpistyle.errors import Interrupted, MpistyleError
+from mpistyle.errors import Interrupted, IOFailure, MpistyleError, io_failure
 from mpistyle.models import atomic_write, save_model
 from mpistyle.nets import TransformerNet, use_torch_instance_norm
 from mpistyle.training.content import (
@@ -65,14 +66,14 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
 
-# Documented defaults (README "Training"). Losses are on caffe-scaled VGG-19 features (0..255 input).
+# Documented defaults (docs/training.md). Losses are on caffe-scaled VGG-19 features (0..255 input).
 DEFAULTS = {
     "size": 160,
     "batch_size": 4,
     "steps": 2000,
     "lr": 1e-3,
     "content_weight": 1.0,
-    "style_weight": 1.0,  # 10+ lets the texture wipe out the content (see README, Training)
+    "style_weight": 1.0,  # 10+ lets the texture wipe out the content (see docs/training.md)
     "tv_weight": 2e-2,
     "temporal_weight": 0.0,
     "style_size": 256,
@@ -275,7 +276,11 @@ def _set_grads(params: list[torch.nn.Parameter], flat: np.ndarray) -> None:
 
 
 def _atomic_torch_save(obj: Any, path: str) -> None:
-    atomic_write(path, lambda fh: torch.save(obj, fh), suffix=".ckpt")
+    # Serialized in memory first: torch's own file writer reports a full disk as a RuntimeError,
+    # a plain write raises the OSError (ENOSPC...) that ends the run with exit 74.
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, lambda fh: fh.write(buf.getbuffer()), suffix=".ckpt")
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
@@ -587,9 +592,21 @@ class Trainer:
         logger.info("resumed from %s at step %d", path, self.step)
 
     def save_checkpoint(self) -> None:
+        """Rank 0 writes the checkpoint and the model; every rank learns whether that worked.
+
+        A failed write (full disk, quota, I/O error) ends every rank together with IOFailure (exit 74),
+        the last checkpoint still in place for --resume; no rank is left waiting in a collective."""
         self.flush_history()
-        if self.comm.rank != 0:
-            return
+        failure = ""
+        if self.comm.rank == 0:
+            try:
+                self._write_checkpoint()
+            except OSError as exc:
+                failure = str(io_failure(exc, f"the checkpoint or model ({exc.filename or self.cfg.output})"))
+        if not self.comm.bcast_ok(not failure):
+            raise IOFailure(failure or "rank 0 could not write the checkpoint")
+
+    def _write_checkpoint(self) -> None:
         ck = {
             "version": CHECKPOINT_VERSION,
             "model": {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
@@ -721,6 +738,10 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        if self.comm.rank == 0:
+            logger.info("training %s for %d steps on %d rank(s), device %s (%s)", os.path.basename(cfg.output),
+                        cfg.steps - self.step, self.comm.size, self.device,
+                        str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "float32")
         t0 = time.monotonic()
         start = self.step
         t_last, s_last = t0, self.step
@@ -954,8 +975,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--device",
-        default="cpu",
-        help="cpu, cuda, cuda:N, or auto (each rank takes its node-local GPU; default cpu)",
+        default="auto",
+        help="auto (this rank's node-local GPU if any, else CPU; the default, as for stylize), cpu, "
+             "cuda (GPU = local rank) or cuda:N",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: torch's)")
     parser.add_argument(
@@ -982,19 +1004,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _pick_device(spec: str, comm: Comm) -> str:
-    if spec != "auto":
-        if spec.startswith("cuda") and not torch.cuda.is_available():
-            raise MpistyleError(f"--device {spec}: CUDA is not available here")
-        return spec
-    if torch.cuda.is_available():
-        local = int(
-            os.environ.get(
-                "MPI_LOCALRANKID",
-                os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", os.environ.get("SLURM_LOCALID", comm.rank)),
-            )
-        )
-        return f"cuda:{local % torch.cuda.device_count()}"
-    return "cpu"
+    """``--device``, resolved as stylize resolves it (mpistyle.mpi.select_device), per node-local rank."""
+    from mpistyle.mpi import select_device
+
+    local = os.environ.get("MPI_LOCALRANKID",
+                           os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", os.environ.get("SLURM_LOCALID", "")))
+    return select_device(spec, int(local) if local.isdigit() else comm.rank)
 
 
 def config_from_args(args: argparse.Namespace, comm: Comm) -> TrainConfig:
