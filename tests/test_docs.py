@@ -42,10 +42,18 @@ SHELL_ENDS = {"|", "||", "&&", ";", "&", ">", ">>", "2>&1", "<"}
 PATH_RE = re.compile(r"^(?:bin|mpistyle|slurm|docs|tests|\.ci)/[\w.*/-]*(?:::\w+)?$|"
                      r"^(?:io|temporal|training|stylize|bench)/\w+\.py$|"
                      r"^(?:README\.md|CHANGELOG\.md|CITATION\.cff|LICENSE|setup\.cfg|pyproject\.toml|mkdocs\.yml)$")
-FILE_SUFFIXES = (".py", ".md", ".jpg", ".png", ".mp4", ".h5", ".pth", ".json", ".sbatch", ".cfg", ".toml",
+FILE_SUFFIXES = (".py", ".md", ".h", ".jpg", ".png", ".mp4", ".h5", ".pth", ".json", ".sbatch", ".cfg", ".toml",
                  ".yml", ".cff", ".txt", ".log", ".mkv", ".mov", ".webm", ".zip", ".gz")
-SUBPACKAGES = {p.stem if p.suffix else p.name for p in (ROOT / "mpistyle").iterdir()
-               if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists()}
+# Every module of the package by its last name (kernels_torch -> mpistyle.temporal.kernels_torch), so that a
+# backticked `kernels_torch.TorchFusion` or `partition.Anchors` resolves, and `fusion_torch.TorchFusion` does not.
+MODULES: dict[str, list[str]] = {}
+for _path in sorted((ROOT / "mpistyle").rglob("*.py")):
+    _parts = list(_path.relative_to(ROOT).with_suffix("").parts)
+    if _parts[-1] == "__init__":
+        _parts.pop()
+    MODULES.setdefault(_parts[-1], []).append(".".join(_parts))
+# Dotted names of other libraries that the docs mention by a short alias.
+FOREIGN_ALIASES = {"nn", "F", "np", "cv2", "torch", "h5py", "openvino", "os", "sys"}
 
 
 @dataclass(frozen=True)
@@ -279,22 +287,43 @@ def _path_exists(text: str) -> bool:
     return True
 
 
+def _resolve_in(module: str, attrs: list[str]) -> bool:
+    try:
+        obj = importlib.import_module(module)
+    except ImportError:
+        return False
+    for i, attr in enumerate(attrs):
+        if not hasattr(obj, attr):
+            # a submodule not imported by its package yet
+            try:
+                obj = importlib.import_module(f"{module}.{'.'.join(attrs[:i + 1])}")
+                continue
+            except ImportError:
+                return False
+        obj = getattr(obj, attr)
+    return True
+
+
 def _resolves(dotted: str) -> bool:
-    parts = dotted.split(".")
-    if parts[0] != "mpistyle":
-        parts = ["mpistyle", *parts]
-    for cut in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:cut]))
-        except ImportError:
-            continue
-        try:
-            for attr in parts[cut:]:
-                obj = getattr(obj, attr)
-        except AttributeError:
-            return False
+    """`mpistyle.a.b.C`, or `leaf.C` where leaf is a module of the package (any of that name will do)."""
+    first, *rest = dotted.split(".")
+    if first == "mpistyle":
+        return _resolve_in("mpistyle", rest)
+    return any(_resolve_in(module, rest) for module in MODULES.get(first, []))
+
+
+def _is_ours(dotted: str) -> bool:
+    """A dotted name the docs give as mpistyle's (not a file name, not another library's name)."""
+    first = dotted.split(".")[0]
+    if first == "mpistyle" or first in MODULES:
         return True
-    return False
+    if first in FOREIGN_ALIASES or not re.match(r"^[a-z][a-z0-9_]*$", first):
+        return False  # another library's alias, or a placeholder such as OUT.mpistyle.h5 or vX.Y.Z
+    try:
+        importlib.import_module(first)
+        return False  # another library (torch.compile, h5py.File)
+    except ImportError:
+        return True  # names no module at all: a broken reference such as fusion_torch.TorchFusion
 
 
 def _paths_and_names() -> tuple[list[Mention], list[Mention]]:
@@ -309,7 +338,7 @@ def _paths_and_names() -> tuple[list[Mention], list[Mention]]:
         elif re.match(r"^\w+\.py$", text):
             paths.append(m)  # a module file named alone: it must exist somewhere in the package
         elif re.match(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$", text) and not text.endswith(FILE_SUFFIXES):
-            if text.split(".")[0] in SUBPACKAGES | {"mpistyle"}:
+            if _is_ours(text):
                 names.append(m)
     # Repository paths given to commands in code blocks (slurm/stylize-cpu.sbatch, tests/data/...).
     for m in lines:
