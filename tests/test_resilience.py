@@ -226,3 +226,22 @@ def test_buffer_that_does_not_fit_fails_before_any_work(tmp_path, small_tmpfs, m
     assert proc.returncode == 2
     assert err.strip().splitlines() == [err.strip().splitlines()[-1]]
     assert "disk full" in err and os.listdir(small_tmpfs) == []
+
+
+def test_test_hooks_without_the_harness_opt_in_are_ignored_with_one_warning(tmp_path, model_args) -> None:
+    """A hook variable left in a user's shell (no MPISTYLE_TEST_HOOKS=1) neither pauses nor fails a run:
+    each rank says once that it ignores it (one line per rank), and the job completes (a pause would hold
+    it 600 s, the fault would end it with exit 1)."""
+    out = tmp_path / "out.mp4"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MPISTYLE_PAUSE_AT": "startup,setup,compute,encode,mux",
+           "MPISTYLE_FAULT": "1:3:raise"}
+    env.pop("MPISTYLE_TEST_HOOKS")
+    proc = subprocess.run([tool("mpiexec"), "-n", "2", tool("mpistyle"), "stylize", str(BBB), "-o", str(out),
+                           *model_args, "--no-progress"], capture_output=True, text=True, cwd=str(ROOT), env=env,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "paused at" not in proc.stderr and "injected fault" not in proc.stderr
+    for hook in ("MPISTYLE_PAUSE_AT", "MPISTYLE_FAULT"):
+        lines = [ln for ln in proc.stderr.splitlines() if f"ignoring {hook}=" in ln]
+        assert len(lines) == 2 and all("MPISTYLE_TEST_HOOKS=1" in ln for ln in lines), proc.stderr
+    assert probe(str(out)).n_frames == 24
