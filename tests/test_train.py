@@ -561,5 +561,10 @@ def test_compiled_training_step_matches_the_eager_one(images, tmp_path):
     (pe, ge), (pc, gc) = grads
     assert (pe[:3] > 0).all() and pe[3] > 0  # every term is in play
     torch.testing.assert_close(pc, pe, rtol=1e-4, atol=0)
-    cos = torch.nn.functional.cosine_similarity(gc, ge, dim=0)
-    assert cos > 0.9999 and torch.linalg.vector_norm(gc) == pytest.approx(float(torch.linalg.vector_norm(ge)), rel=1e-3)
+    # To fp32 rounding: the compiled graph reorders and fuses the same fp32 arithmetic. A step runs about
+    # 60 layers forward and backward with reductions of up to 2 x 64 x 64 = 8192 terms, each good to about
+    # sqrt(8192) x 2**-24 = 5e-6 relative; compounded over the layers, 3e-4 at worst. So the whole gradient
+    # vector is within 1e-3 of the eager one in relative L2 norm. (The cosine above 0.9999 this replaces
+    # allowed 1.4 % error.)
+    rel = float(torch.linalg.vector_norm(gc - ge) / torch.linalg.vector_norm(ge))
+    assert rel <= 1e-3, rel
