@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from mpistyle.errors import MpistyleError
+
 logger = logging.getLogger(__name__)
 
 PAYBACK = 3.0  # compile when the steps left save at least 3x the compilation (the first guess: ~3.6x)
@@ -112,6 +114,11 @@ def private_inductor_cache(active: bool) -> Iterator[None]:
         yield
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 def share_compilation(comm: Any, rank: int, size: int, warm_up: Any) -> dict[str, Any]:
     """Collective: rank 0 runs ``warm_up()`` (which compiles every graph the job's ranks need) and sends
     its compiled artifacts; the others load them. Returns what happened (rank 0's seconds, bytes)."""
@@ -119,18 +126,25 @@ def share_compilation(comm: Any, rank: int, size: int, warm_up: Any) -> dict[str
 
     t0 = time.perf_counter()
     artifacts: bytes | None = None
-    error = None
+    error = failed = None
     if rank == 0:
-        warm_up()
         try:
-            saved = torch.compiler.save_cache_artifacts()
-            artifacts = saved[0] if saved else None
-        except Exception as exc:  # noqa: BLE001 - the others then compile for themselves
-            error = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            warm_up()
+        except Exception as exc:  # noqa: BLE001 - every rank stops below with this line, none hangs
+            logger.debug("compiling the loss failed", exc_info=True)
+            failed = _first_line(exc)
+        if failed is None:
+            try:
+                saved = torch.compiler.save_cache_artifacts()
+                artifacts = saved[0] if saved else None
+            except Exception as exc:  # noqa: BLE001 - the others then compile for themselves
+                error = _first_line(exc)
     compile_s = time.perf_counter() - t0
     if size > 1:
         wait_idle(comm)  # the others wait for rank 0 without spinning a core it compiles on
-        artifacts, compile_s, error = comm.bcast((artifacts, compile_s, error), root=0)
+        artifacts, compile_s, error, failed = comm.bcast((artifacts, compile_s, error, failed), root=0)
+    if failed is not None:
+        raise MpistyleError(f"compiling the training loss failed on rank 0: {failed} (--compile off runs eagerly)")
         if rank != 0 and artifacts:
             try:
                 torch.compiler.load_cache_artifacts(artifacts)
