@@ -145,11 +145,11 @@ def share_compilation(comm: Any, rank: int, size: int, warm_up: Any) -> dict[str
         artifacts, compile_s, error, failed = comm.bcast((artifacts, compile_s, error, failed), root=0)
     if failed is not None:
         raise MpistyleError(f"compiling the training loss failed on rank 0: {failed} (--compile off runs eagerly)")
-        if rank != 0 and artifacts:
-            try:
-                torch.compiler.load_cache_artifacts(artifacts)
-            except Exception as exc:  # noqa: BLE001 - this rank compiles for itself
-                logger.warning("rank %d could not load rank 0's compiled loss (%s): compiling it here", rank, exc)
+    if rank != 0 and artifacts:
+        try:
+            torch.compiler.load_cache_artifacts(artifacts)
+        except Exception as exc:  # noqa: BLE001 - this rank compiles for itself
+            logger.warning("rank %d could not load rank 0's compiled loss (%s): compiling it here", rank, exc)
     if error and rank == 0:
         logger.warning("the compiled loss could not be shared (%s): each rank compiles it", error)
     return {"rank0_compile_s": compile_s, "artifact_bytes": len(artifacts or b"")}
