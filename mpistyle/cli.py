@@ -341,6 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         setup_logging(args.verbose, args.quiet)
+        from .testhooks import warn_ignored
+
+        warn_ignored()
         stoppable = args.command in STOPPABLE_COMMANDS
         if not stoppable:
             restore_default_signals()

@@ -15,10 +15,8 @@ cache under many ranks: PyTorch PR 172144); torch's inductor cache of the compil
 temporary directory for the same reason. A package that does not load, or whose output strays from
 the eager network's, is ignored with a warning and compiled again.
 
-``--compile auto`` compiles where it pays, decided from the whole video: when its frame count, at one
-thread, saves more than a cold compilation costs (:func:`break_even_frames`; measured figures below).
-The rank count never enters the decision (nor does a warm cache): the compiled and eager paths differ
-in the last bits, and a job must give the same frames on any number of ranks.
+``--compile auto`` compiles where it pays: when the frames each rank will stylize save more than the
+compilation costs (:func:`break_even_frames`; measured figures below).
 """
 
 from __future__ import annotations
@@ -52,15 +50,74 @@ FORMAT = 1  # bump when the package's contents or key change meaning
 # compiled differ in the last bits only: about 55 dB on the bundled models).
 CHECK_PSNR_DB = 35.0
 
-# Measured on the 2-core development machine (Xeon with AMX-BF16), bf16, `mpistyle bench --networks`
-# (docs/performance.md, the network paths): what compiling costs and what it saves per frame, for
-# --compile auto. Compilation: 11-29 s (export + AOTInductor), about the same at any frame size.
+# First guesses for --compile auto, measured on the 2-core development machine (Xeon with AMX-BF16),
+# bf16, `mpistyle bench --networks`: what compiling costs and what it saves per frame. Compilation:
+# 11-29 s (export + AOTInductor), about the same at any frame size. Each job that compiles or reads a
+# package measures these on the machine at hand and records them in the cache (:class:`Figures`); later
+# decisions use the recorded figures, these constants only until then.
 COMPILE_COLD_S = 25.0
 COMPILE_WARM_S = 1.5  # a cached package: read, broadcast, load, check against the eager network
 # Fused eager minus compiled, one thread: 0.049 s at 640x272 (0.28 s per megapixel), 0.44 s at
 # 1280x720 (0.48); the smaller figure. With T threads the saving is taken as 1/T of it (at 2 threads
 # the compiled path still measured 0.56-0.57x of the fused one).
 SAVING_S_PER_MPIXEL = 0.28
+FIGURES_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What compiling costs and saves on this machine: measured and recorded, else the first guesses."""
+
+    compile_cold_s: float = COMPILE_COLD_S  # rank 0's whole work for a cache miss: compile, load, check
+    compile_warm_s: float = COMPILE_WARM_S  # the same for a cache hit: read, load, check
+    saving_s_per_mpixel: float = SAVING_S_PER_MPIXEL  # eager minus compiled per frame, one thread
+    measured: tuple[str, ...] = ()  # the fields measured on this machine (the others are first guesses)
+
+    def describe(self) -> str:
+        """What the break-even came from (the cold cost and the saving decide it; the warm cost does not)."""
+        return "measured here" if {"compile_cold_s", "saving_s_per_mpixel"} & set(self.measured) else "first guesses"
+
+
+def figures_path(device_type: str = "cpu") -> str:
+    """The figures of this machine (CPU features, torch build, device type) in the cache directory."""
+    key = {"format": FIGURES_FORMAT, "torch": torch.__version__, "device": device_type,
+           "cpu": cpu_features() if device_type == "cpu" else ""}
+    return os.path.join(cache_dir(), f"figures-{key_digest(key)[:16]}.json")
+
+
+def read_figures(device_type: str = "cpu") -> Figures:
+    """The recorded figures, the first guesses where none are (or the record is unreadable). Rank 0 reads
+    them and decides for the job, so every rank follows rank 0's figures."""
+    try:
+        with open(figures_path(device_type), encoding="utf-8") as fh:
+            record = json.load(fh)
+        values = {k: float(record[k]) for k in ("compile_cold_s", "compile_warm_s", "saving_s_per_mpixel")
+                  if isinstance(record.get(k), (int, float)) and 0 < float(record[k]) < 1e6}
+    except FileNotFoundError:
+        return Figures()
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        logger.warning("ignoring the recorded compile figures %s: %s", figures_path(device_type), _first_line(exc))
+        return Figures()
+    return Figures(**values, measured=tuple(sorted(values)))
+
+
+def record_figures(device_type: str, **measured: float) -> None:
+    """Keep the latest measurement of each figure given (rank 0 only; a whole file through a rename)."""
+    from mpistyle.models import atomic_write
+
+    path = figures_path(device_type)
+    record: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        with open(path, encoding="utf-8") as fh:
+            loaded = json.load(fh)
+        record = loaded if isinstance(loaded, dict) else {}
+    record.update({k: float(v) for k, v in measured.items() if v is not None and v > 0})
+    record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, lambda fh: fh.write(json.dumps(record, indent=1, sort_keys=True).encode()), suffix=".json")
+    except OSError as exc:
+        logger.warning("cannot record the compile figures in %s: %s", path, exc.strerror or exc)
 
 
 def cache_dir() -> str:
@@ -115,16 +172,18 @@ def key_digest(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def break_even_frames(height: int, width: int, threads: int = 1, cached: bool = False) -> float:
+def break_even_frames(height: int, width: int, threads: int = 1, cached: bool = False,
+                      figures: Figures | None = None) -> float:
     """Frames from which compiling pays: compile (or load) cost over the saving per frame at ``threads``.
 
     :func:`decide` applies it to the whole video's frame count at one thread, cold, whatever the rank count."""
-    saving = SAVING_S_PER_MPIXEL * height * width / 1e6 / max(1, threads)
-    return (COMPILE_WARM_S if cached else COMPILE_COLD_S) / max(saving, 1e-9)
+    f = figures or Figures()
+    saving = f.saving_s_per_mpixel * height * width / 1e6 / max(1, threads)
+    return (f.compile_warm_s if cached else f.compile_cold_s) / max(saving, 1e-9)
 
 
 def decide(option: str, device: torch.device, frames: int, height: int, width: int, threads: int | None,
-           stored: bool | None = None, transformer: bool = True) -> tuple[bool, str]:
+           stored: bool | None = None, transformer: bool = True, figures: Figures | None = None) -> tuple[bool, str]:
     """Compile or not, and why (pure; rank 0 decides for the job).
 
     The compiled and eager paths differ in the last bits, so ``auto`` decides from what is the same for
@@ -132,7 +191,9 @@ def decide(option: str, device: torch.device, frames: int, height: int, width: i
     size, and a thread count fixed by the user (``threads``: ``--threads`` or SLURM_CPUS_PER_TASK; None
     when it follows the node's cores and the rank count). A job then gives the same frames on any rank
     count. ``stored``: what the buffer being resumed used (a resume keeps it); ``transformer``: the
-    network is a TransformerNet (the one whose break-even was measured).
+    network is a TransformerNet (the one whose break-even was measured); ``figures``: the machine's
+    recorded figures (rank 0's, :func:`read_figures`), else the first guesses. The break-even always uses
+    the cold compile's cost, so a warm package cache does not change the path.
     """
     if option not in COMPILE_CHOICES:
         raise MpistyleError(f"unknown --compile {option!r} (choose {', '.join(COMPILE_CHOICES)})")
@@ -149,10 +210,11 @@ def decide(option: str, device: torch.device, frames: int, height: int, width: i
     if threads != 1:  # the package runs one thread; the thread count must not follow the rank count
         why = "set by the rank count" if threads is None else f"{threads}"
         return False, f"auto: threads per rank {why} (the compiled path runs one thread: --threads 1 to use it)"
-    need = break_even_frames(height, width, 1, cached=False)
+    figures = figures or Figures()
+    need = break_even_frames(height, width, 1, cached=False, figures=figures)
     if frames >= need:  # the whole video's frames, not a rank's share: the same verdict on any rank count
-        return True, f"auto: {frames} frames >= break-even {need:.0f}"
-    return False, f"auto: {frames} frames < break-even {need:.0f}"
+        return True, f"auto: {frames} frames >= break-even {need:.0f} ({figures.describe()})"
+    return False, f"auto: {frames} frames < break-even {need:.0f} ({figures.describe()})"
 
 
 def probe_frames(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -262,27 +324,51 @@ def check_runner(run: Any, stylizer: Stylizer, probe: torch.Tensor) -> float:
     return psnr_db(got, want)
 
 
+def measure_saving(run: Any, stylizer: Stylizer, probe: torch.Tensor, repeat: int = 2) -> float | None:
+    """Eager (fused) minus compiled seconds per frame per megapixel on ``probe``, the best of ``repeat``
+    runs each; None unless torch runs one thread here (what ``--compile auto`` decides for)."""
+    if torch.get_num_threads() != 1:
+        return None
+    frames = probe.to(stylizer.device)
+
+    def best(fn: Any) -> float:
+        times = []
+        with torch.inference_mode():
+            for _ in range(repeat):
+                t = time.perf_counter()
+                fn(frames)
+                times.append(time.perf_counter() - t)
+        return min(times)
+
+    b, h, w = probe.shape[:3]
+    saving = (best(stylizer.framenet) - best(run)) / b / (h * w / 1e6)
+    return saving if saving > 0 else None
+
+
 def obtain_package(stylizer: Stylizer, shape: tuple[int, ...], key: dict[str, Any] | None = None,
                    path: str | None = None) -> tuple[bytes | None, dict[str, Any]]:
     """A checked package for ``stylizer`` at ``shape``: from the cache, else compiled (and kept there).
 
-    Returns (bytes or None when neither works, info: cache hit/miss/bad, compile_s, check_psnr_db, error).
+    Returns (bytes or None when neither works, info: cache hit/miss/bad, compile_s, check_psnr_db, error,
+    saving_s_per_mpixel). Records what it measured in the machine's figures (:func:`record_figures`).
     """
     start = time.perf_counter()
     key = key or artifact_key(stylizer, shape)
     path = path or os.path.join(cache_dir(), f"{key_digest(key)}.pt2")
     probe = probe_frames(shape)
     info: dict[str, Any] = {}
+    runner = None
     data = read_cached(path)
     if data is not None:
         try:
-            db = check_runner(load_package(data, stylizer.device), stylizer, probe)
+            runner = load_package(data, stylizer.device)
+            db = check_runner(runner, stylizer, probe)
             if db < CHECK_PSNR_DB:
                 raise RuntimeError(f"its output is {db:.1f} dB from the eager network's")
             info.update(cache="hit", check_psnr_db=db)
         except Exception as exc:  # noqa: BLE001 - a bad cache is ignored, never fatal
             logger.warning("ignoring the compiled-network cache %s (%s): compiling again", path, _first_line(exc))
-            data = None
+            data, runner = None, None
             info["cache"] = "bad"
     if data is None:
         info.setdefault("cache", "miss")
@@ -290,7 +376,8 @@ def obtain_package(stylizer: Stylizer, shape: tuple[int, ...], key: dict[str, An
             t = time.perf_counter()
             data = compile_package(stylizer.framenet, probe.to(stylizer.device))
             info["compile_s"] = time.perf_counter() - t
-            db = check_runner(load_package(data, stylizer.device), stylizer, probe)
+            runner = load_package(data, stylizer.device)
+            db = check_runner(runner, stylizer, probe)
             info["check_psnr_db"] = db
             if db < CHECK_PSNR_DB:
                 raise RuntimeError(f"the compiled network's output is {db:.1f} dB from the eager network's")
@@ -298,8 +385,19 @@ def obtain_package(stylizer: Stylizer, shape: tuple[int, ...], key: dict[str, An
         except Exception as exc:  # noqa: BLE001 - the job goes on eagerly, on every rank
             logger.debug("compilation failed", exc_info=True)
             info["error"] = _first_line(exc, 300)
-            data = None
+            data, runner = None, None
     info["root_s"] = time.perf_counter() - start
+    if data is not None and runner is not None:
+        # The figures --compile auto decides by, measured here: the cost is the whole of rank 0's work; the
+        # saving per frame is measured after a compilation only (4 more passes: small beside it, while
+        # on a cache hit they could double rank 0's work at large frames).
+        if info["cache"] == "hit":
+            record_figures(stylizer.device.type, compile_warm_s=info["root_s"])
+        else:
+            with contextlib.suppress(Exception):
+                info["saving_s_per_mpixel"] = measure_saving(runner, stylizer, probe)
+            record_figures(stylizer.device.type, compile_cold_s=info["root_s"],
+                           saving_s_per_mpixel=info.get("saving_s_per_mpixel"))
     return data, info
 
 

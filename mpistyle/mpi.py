@@ -186,13 +186,16 @@ def _rank_from_env() -> int:
 
 
 def pause_point(phase: str, stop: StopFlag | None = None) -> None:
-    """Test hook: with MPISTYLE_PAUSE_AT=PHASE[,PHASE...] wait here until a stop signal arrives.
+    """Test hook: with MPISTYLE_PAUSE_AT=PHASE[,PHASE...] (and MPISTYLE_TEST_HOOKS=1) wait here until a
+    stop signal arrives.
 
     A test reads the ``paused at PHASE`` line, sends its signal at exactly this point, and the
     program carries on with the stop pending. Pauses only in a SLURM job's first run, so a requeued
     run goes through, and never longer than PAUSE_LIMIT_S.
     """
-    phases = os.environ.get(PAUSE_ENV, "")
+    from mpistyle.testhooks import hook_value
+
+    phases = hook_value(PAUSE_ENV)
     if phase not in phases.split(",") or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
         return
 

@@ -16,6 +16,10 @@ BBB = DATA / "bbb_clip.mp4"  # 24 frames, 128x72, 25 fps, AAC audio
 CARPHONE = DATA / "carphone_clip.mp4"  # 12 frames, 176x144, 29.97 fps, silent
 SAMPLE = ROOT / "mpistyle" / "data" / "sample.mp4"  # 75 frames, 320x180, with audio
 
+# The test hooks (MPISTYLE_PAUSE_AT, MPISTYLE_FAULT) act only with this opt-in; set for this session and
+# the processes it starts, never in the user's shell (mpistyle/testhooks.py).
+os.environ["MPISTYLE_TEST_HOOKS"] = "1"
+
 
 def tool(name: str) -> str:
     """A command from this interpreter's environment (the venv's mpiexec and mpistyle)."""

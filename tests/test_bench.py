@@ -27,18 +27,25 @@ SYNTHETIC = {  # per-frame costs in seconds, roughly those of a 640x272 frame on
 }
 
 
+# The bench fixture's limit is longer than pytest-timeout's 600 s (whose thread method ends the whole
+# session): the tests that use it carry their own mark, so a slow bench fails its test alone.
+BENCH_S = 900
+BENCH_MARK = pytest.mark.timeout(BENCH_S + 120)
+
+
 def _finite_positive(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
 @pytest.fixture(scope="module")
 def bench_result(tmp_path_factory, model_args) -> tuple[dict, str]:
+    """The bench's runs, once for the module (up to BENCH_S: the first test to use it carries that mark)."""
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "bench.json"
     # --encode both (the default): the 2-rank pipeline runs with segments and again with rank0.
     proc = run_mpistyle(["bench", str(BBB), "--ranks", "1,2", "--frames", "6", "--compare-frames", "2",
                          "--repeat", "2", "--json", str(out), "--network-sizes", "none",
-                         "--launcher-args=-bind-to core", *model_args], timeout=900, check=True)
+                         "--launcher-args=-bind-to core", *model_args], timeout=BENCH_S, check=True)
     return json.loads(out.read_text()), proc.stdout
 
 
@@ -48,16 +55,25 @@ def test_bench_networks_table_compares_the_paths(tmp_path, model_args) -> None:
     proc = run_mpistyle(["bench", str(BBB), "--networks", "--network-sizes", "64x48", "--network-threads", "1",
                          "--network-frames", "1", "--no-openvino", "--json", str(out), *model_args],
                         env={"MPISTYLE_CACHE_DIR": str(tmp_path / "cache")}, timeout=400, check=True)
-    rows = json.loads(out.read_text())["networks"]["rows"]
+    networks = json.loads(out.read_text())["networks"]
+    rows = networks["rows"]
     assert [(r["width"], r["height"], r["threads"]) for r in rows] == [(64, 48, 1)]
     paths = rows[0]["paths"]
     assert set(paths) == {"eager", "fused", "compiled"}
-    for p in paths.values():
-        assert _finite_positive(p["s_per_frame"]) and p["psnr_db"] >= 40
-    assert paths["eager"]["ratio"] == 1.0
+    for name, p in paths.items():
+        assert _finite_positive(p["s_per_frame"])
+        assert p["ratio"] == pytest.approx(p["s_per_frame"] / paths["eager"]["s_per_frame"])
+        if networks["precision"] == "fp32" and name == "eager":
+            # A CPU without native bf16: the eager path is the fp32 reference itself (PSNR None: equal).
+            assert p["psnr_db"] is None
+        elif networks["precision"] == "fp32":
+            assert p["psnr_db"] is None or p["psnr_db"] >= 50
+        else:  # bf16 against fp32: never equal, within 50 dB (54-60 dB measured)
+            assert p["psnr_db"] is not None and p["psnr_db"] >= 50, (name, p)
     assert "network paths on CPU" in proc.stdout and "compiled package: cache miss" in proc.stdout
 
 
+@BENCH_MARK
 def test_bench_measures_what_it_says(bench_result) -> None:
     result, stdout = bench_result
     assert result["frames"] == 6 and result["clip_cut_to"] == 6
@@ -84,6 +100,7 @@ def test_bench_measures_what_it_says(bench_result) -> None:
     assert any(n.startswith("1-rank stylize process / (decode + 0.3 eager forward)") for n in names)
 
 
+@BENCH_MARK
 def test_bench_reports_flow_pool_and_fusion(bench_result) -> None:
     result, stdout = bench_result
     flow = result["flow"]
@@ -101,6 +118,7 @@ def test_bench_reports_flow_pool_and_fusion(bench_result) -> None:
     assert "torch on cpu" in stdout
 
 
+@BENCH_MARK
 def test_bench_numbers_are_consistent(bench_result) -> None:
     result, _ = bench_result
     summary = result["summary"]
@@ -141,15 +159,15 @@ def test_bench_numbers_are_consistent(bench_result) -> None:
     assert len(names) == 5 and all(isinstance(t["met"], bool) for t in result["targets"])
 
 
+@BENCH_MARK
 def test_bench_precision_check_and_scaling(bench_result) -> None:
     result, _ = bench_result
     chk = result["forward"]["precision_check"]
     assert chk["frames"] == 2 and chk["reduced"] in ("bf16", "fp16")
-    assert 0 <= chk["max_abs_diff"] <= 255
-    if chk["max_abs_diff"] == 0:
-        assert chk["psnr_min_db"] is None
-    else:
-        assert chk["psnr_min_db"] > 0 and chk["mean_abs_diff"] > 0
+    if chk["max_abs_diff"] == 0:  # reduced precision equal to fp32 on these frames
+        assert chk["psnr_min_db"] is None and chk["mean_abs_diff"] == 0
+    else:  # a difference in the last bits: within 50 dB, and the mean no larger than the largest
+        assert chk["psnr_min_db"] >= 50 and 0 < chk["mean_abs_diff"] <= chk["max_abs_diff"]
     rows = result["scaling"]
     assert [r["ranks"] for r in rows] == list(common.SCALING_RANKS)
     overhead = [r["overhead_fraction"] for r in rows]
@@ -159,6 +177,7 @@ def test_bench_precision_check_and_scaling(bench_result) -> None:
     assert result["measured"]["every"] == 64
 
 
+@BENCH_MARK
 def test_bench_measures_rank0_cost_in_both_encode_modes(bench_result) -> None:
     result, stdout = bench_result
     assert result["encode"] == "both"
@@ -171,8 +190,11 @@ def test_bench_measures_rank0_cost_in_both_encode_modes(bench_result) -> None:
     assert "join" not in next(e for e in rank0_report["per_rank"] if e["rank"] == 0)["times_s"]
     for mode, report in (("segments", segments_report), ("rank0", rank0_report)):
         cost = costs[mode]
-        assert cost == pipeline.rank0_cost(report, mode)
-        assert cost["ranks"] == 2 and cost["frames"] == 6
+        # Rank 0's own measured times in the report, per frame of the video (worked here, not by rank0_cost).
+        times = next(e for e in report["per_rank"] if e["rank"] == 0)["times_s"]
+        for part in ("write", "encode", "join"):
+            assert cost[f"{part}_s"] == pytest.approx(times.get(part, 0.0) / 6), part
+        assert cost["mode"] == mode and cost["ranks"] == 2 and cost["frames"] == 6
         assert cost["serial_s"] == pytest.approx(sum(cost[k] for k in ("decode_s", "encode_s", "join_s")))
         assert _finite_positive(cost["write_s"])
         # --decode auto on 2 ranks: every rank decodes its own frames, so no decode is rank 0's serial work
@@ -594,15 +616,17 @@ def test_marginal_cost_leaves_out_the_fixed_costs() -> None:
 
 def test_bench_train_runs_both_settings_side_by_side(tmp_path) -> None:
     """bin/bench-train: 0.3's default and today's, one size, a few steps; both rows come out with
-    positive images/s and a speed-up derived from them (no speed threshold here: see docs/performance.md)."""
+    positive images/s (no speed threshold here: see docs/performance.md), and the new default's loss was compiled
+    (the 0.3 default's was not), as each model file's provenance records."""
     proc = subprocess.run([sys.executable, str(ROOT / "bin" / "bench-train"), "--sizes", "32", "--steps", "3",
-                           "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     row = re.search(r"^\| 32 px \| ([0-9.e+-]+) \(([0-9.e+-]+)\) \| ([0-9.e+-]+) \(([0-9.e+-]+)\) \| "
                     r"([0-9.]+)x \(([0-9.]+)x\) \|$", proc.stdout, re.M)
     assert row, proc.stdout
-    old, _, new, _, ratio, _ = map(float, row.groups())
-    assert old > 0 and new > 0 and ratio == pytest.approx(new / old, abs=0.051)
+    old, _, new, _, _, _ = map(float, row.groups())
+    assert old > 0 and new > 0
+    assert "loss compiled: 0.3 default no, new default yes" in proc.stdout, proc.stdout
 
 
 @pytest.mark.parametrize("argv", [

@@ -119,7 +119,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 10 * np.log10(255.0**2 / max(mse, 1e-12))
 
 
-def test_fused_network_in_bf16_is_within_40_db_of_fp32_eager():
+def test_fused_network_in_bf16_is_within_50_db_of_fp32_eager():
     """The bundled model on a real frame: fused norm, bf16 weights and activations, channels-last."""
     from mpistyle.io.media import iter_frames
 
@@ -133,7 +133,7 @@ def test_fused_network_in_bf16_is_within_40_db_of_fp32_eager():
         net16 = fused.to(memory_format=torch.channels_last).to(torch.bfloat16)
         got16 = net16(x.bfloat16().contiguous(memory_format=torch.channels_last)).float().clamp(0, 255).round()
     assert (got32 - want).abs().max() <= 1
-    assert _psnr(got16.numpy(), want.numpy()) >= 40
+    assert _psnr(got16.numpy(), want.numpy()) >= 50  # 54-60 dB measured on the bundled models
 
 
 def test_fp16_weights_are_accepted_as_fp32(tmp_path):

@@ -34,7 +34,12 @@ from .slurm_cluster import Cluster, done_frames
 
 BUFFER_SUFFIX = ".mpistyle.h5"
 N_FRAMES = 24  # tests/data/bbb_clip.mp4, with audio
-WAIT_S = 600.0  # bound for every wait: the machine is shared and may be very slow
+# Bound for each wait (these runs take well under a minute on the 2-core machine). A test's waits add up
+# to less than pytest-timeout's 600 s (the thread method ends the whole session), so a slow test fails
+# alone, with what it waited for. The SLURM tests have their own mark: the session's cluster may start
+# in the first of them (Cluster.start: 300 s at most) and they wait up to four times.
+WAIT_S = 120.0
+SLURM_LIMIT_S = 300 + 4 * WAIT_S + 60
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -250,13 +255,14 @@ print(f"ffmpeg exit status {proc.wait()}", flush=True)
 """
 
 
+@pytest.mark.timeout(SLURM_LIMIT_S)
 def test_children_in_a_slurm_step_survive_scancel_usr1(cluster: Cluster, tmp_path: Path) -> None:
     """SLURM signals every process of a step, children included: the ffmpeg gets USR1 and lives on."""
     program, out, log = tmp_path / "step.py", tmp_path / "c.mp4", tmp_path / "step.log"
     program.write_text(STEP_PROGRAM)
     wrap = " ".join(["srun", "-n", "1", sys.executable, str(program), str(WAIT_S), *encoder_command(out)])
     job = cluster.run("sbatch", "--parsable", f"--output={log}", "-n", "1", "-c", "1", "--wrap", wrap).strip()
-    cluster.wait_until(job, lambda: "is running" in job_log(log), "the step's ffmpeg", log=log)
+    cluster.wait_until(job, lambda: "is running" in job_log(log), "the step's ffmpeg", log=log, timeout=WAIT_S)
     cluster.run("scancel", "--signal=USR1", job)  # the job's steps, not the batch shell
     info = cluster.wait(job, log=log, timeout=WAIT_S)
     text = job_log(log)
@@ -389,14 +395,16 @@ SLURM_STOPS = {
 }
 
 
+@pytest.mark.timeout(SLURM_LIMIT_S)
 @pytest.mark.parametrize("phase", ["startup", "setup", "compute"])
 @pytest.mark.parametrize("target", ["batch", "step"])
 def test_slurm_usr1_before_the_end_requeues_and_finishes(cluster: Cluster, tmp_path: Path, phase: str,
                                                          target: str) -> None:
     job, out, log = submit_paused(cluster, tmp_path, phase)
-    cluster.wait_until(job, lambda: paused(log, phase, 2), f"both ranks paused at {phase}", log=log)
+    cluster.wait_until(job, lambda: paused(log, phase, 2), f"both ranks paused at {phase}", log=log,
+                       timeout=WAIT_S)
     if phase == "compute":
-        cluster.wait_for_frames(job, Path(f"{out}{BUFFER_SUFFIX}"))
+        cluster.wait_for_frames(job, Path(f"{out}{BUFFER_SUFFIX}"), timeout=WAIT_S)
     cluster.run(*SLURM_STOPS[target], job)
     info = cluster.wait(job, log=log, timeout=WAIT_S)
     text = job_log(log)
@@ -410,13 +418,14 @@ def test_slurm_usr1_before_the_end_requeues_and_finishes(cluster: Cluster, tmp_p
     assert probe(str(out)).n_frames == N_FRAMES
 
 
+@pytest.mark.timeout(SLURM_LIMIT_S)
 @pytest.mark.parametrize("phase", ["encode", "mux"])
 @pytest.mark.parametrize("target", ["batch", "step"])
 def test_slurm_usr1_during_final_encode_or_mux_completes(cluster: Cluster, tmp_path: Path, phase: str,
                                                          target: str) -> None:
     """The issue's failure: USR1 to the whole step used to kill ffmpeg and fail the job with exit 2."""
     job, out, log = submit_paused(cluster, tmp_path, phase, "--encode", "rank0")  # rank 0's encoder runs throughout
-    cluster.wait_until(job, lambda: paused(log, phase, 1), f"rank 0 paused at {phase}", log=log)
+    cluster.wait_until(job, lambda: paused(log, phase, 1), f"rank 0 paused at {phase}", log=log, timeout=WAIT_S)
     if phase == "encode":
         encoders = ffmpeg_pids(str(tmp_path))  # started by slurmstepd's tasks: this is the step's encoder
         assert len(encoders) == 1
@@ -432,6 +441,7 @@ def test_slurm_usr1_during_final_encode_or_mux_completes(cluster: Cluster, tmp_p
     assert info.n_frames == N_FRAMES and info.has_audio
 
 
+@pytest.mark.timeout(SLURM_LIMIT_S)
 def test_slurm_usr1_to_the_batch_shell_before_the_launcher_requeues_and_finishes(cluster: Cluster,
                                                                                 tmp_path: Path) -> None:
     """The warning as soon as the job runs, before the script has started the launcher: the script holds
@@ -443,7 +453,7 @@ def test_slurm_usr1_to_the_batch_shell_before_the_launcher_requeues_and_finishes
                          sbatch=("--ntasks=2", "--cpus-per-task=1"), log=log,
                          env={"MPISTYLE_LAUNCHER": "srun", "MPISTYLE_PAUSE_AT": "launch"})
     cluster.wait_until(job, lambda: "run 1] paused at launch" in job_log(log), "the script paused before the launcher",
-                       log=log)
+                       log=log, timeout=WAIT_S)
     cluster.run("scancel", "--batch", "--signal=USR1", job)
     info = cluster.wait(job, log=log, timeout=WAIT_S)
     text = job_log(log)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -374,6 +375,55 @@ def test_compile_auto_is_on_only_for_long_cpu_runs():
         resolve_compile("always", cpu, 1)
 
 
+def test_compile_auto_follows_the_recorded_figures(tmp_path, monkeypatch):
+    """Worked by hand: 60 s to compile, 0.375 s an image eager and 0.195 compiled, batch 4: 0.72 s saved a
+    step, repaid 3 times over after 3 x 60 / 0.72 = 250 steps. Nothing recorded: the first guess (300)."""
+    from mpistyle.training import compiling
+    from mpistyle.training.train import COMPILE_AUTO_MIN_STEPS, resolve_compile
+
+    cpu = torch.device("cpu")
+    figures = compiling.TrainFigures(compile_s=60.0, eager_image_s=0.375, compiled_image_s=0.195)
+    assert figures.min_steps(4) == pytest.approx(250.0)
+    assert resolve_compile("auto", cpu, 250, figures, 4) is True
+    assert resolve_compile("auto", cpu, 249, figures, 4) is False
+    slower = compiling.TrainFigures(compile_s=60.0, eager_image_s=0.2, compiled_image_s=0.25)
+    assert resolve_compile("auto", cpu, 10**9, slower, 4) is False  # compiled steps no faster: never
+    assert resolve_compile("auto", cpu, COMPILE_AUTO_MIN_STEPS, compiling.TrainFigures(compile_s=60.0), 4) is True
+    assert resolve_compile("auto", cpu, COMPILE_AUTO_MIN_STEPS - 1, compiling.TrainFigures(compile_s=60.0), 4) is False
+    # Recorded and read back per setting (the cache directory of mpistyle.compiled).
+    monkeypatch.setenv("MPISTYLE_CACHE_DIR", str(tmp_path))
+    key = {"size": 32, "batch_size": 4}
+    compiling.record_figures(key, compile_s=60.0, eager_image_s=None)
+    compiling.record_figures(key, eager_image_s=0.375)
+    compiling.record_figures(key, compiled_image_s=0.195)
+    assert compiling.read_figures(key) == figures
+    assert compiling.read_figures({"size": 64, "batch_size": 4}) == compiling.TrainFigures()
+
+
+@pytest.mark.timeout(900)
+def test_training_compiles_once_per_job_on_two_ranks(images, tmp_path):
+    """--compile on, 2 real ranks, cold caches: rank 0 compiles the loss's graphs while rank 1 waits; rank 1
+    loads rank 0's compiled artifacts and compiles none itself (it used to compile all of them too)."""
+    out = tmp_path / "m.pth"
+    cmd = [_mpiexec(), "-n", "2", sys.executable, "-m", "mpistyle", "train", "--style", images["style"],
+           "--content", images["c0"], images["c1"], "-o", str(out), "--size", "32", "--style-size", "32",
+           "--batch-size", "2", "--steps", "3", "--threads", "1", "--checkpoint-every", "0", "--device", "cpu",
+           "--compile", "on", "--precision", "fp32"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MPISTYLE_CACHE_DIR=str(tmp_path / "cache"),
+               TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=780)
+    assert res.returncode == 0, res.stderr[-2000:]
+    stage = model_info(str(out))["stages"][-1]
+    assert stage["compiled_loss"] and stage["mpi_ranks"] == 2
+    rank0, rank1 = stage["compile"]["per_rank"]
+    assert rank0["graphs_compiled"] >= 2 and rank0["autograd_compiled"] >= 1  # forward and backward, cold
+    assert rank1["graphs_compiled"] == 0 and rank1["autograd_compiled"] == 0, stage["compile"]
+    assert rank1["autograd_read"] >= 1 and stage["compile"]["artifact_bytes"] > 0
+    # This run's figures are recorded for later --compile auto decisions (a compiled step, the compile).
+    record = json.loads(next((tmp_path / "cache").glob("train-figures-*.json")).read_text())
+    assert record["compiled_image_s"] > 0 and record["setting"]["batch_size"] == 2
+
+
 def test_init_starts_from_a_model_and_the_provenance_keeps_every_stage(images, tmp_path):
     first = tmp_path / "first.pth"
     Trainer(_cfg(images, first, steps=2, checkpoint_every=0)).run()
@@ -482,9 +532,18 @@ def test_training_backward_rewrites_give_torchs_values_and_gradients(layout):
     (gb * w).sum().backward()
     torch.testing.assert_close(a.grad, b.grad)
     assert a.grad.is_contiguous(memory_format=layout)
-    # The max pool's compiled form: the same values as MaxPool2d, odd sizes floored.
-    pooled = torch.compile(MaxPool2x2(), backend="aot_eager", fullgraph=True)(x.contiguous(memory_format=layout))
-    assert torch.equal(pooled, torch.nn.MaxPool2d(2, 2)(x))
+    # The max pool's compiled form: the same values as torch's max_pool2d, odd sizes floored, and the same
+    # gradients, exactly (random values have no ties, and routing a gradient to each window's maximum does
+    # no arithmetic).
+    a = x.detach().clone().contiguous(memory_format=layout).requires_grad_()
+    b = x.detach().clone().requires_grad_()
+    pooled = torch.compile(MaxPool2x2(), backend="aot_eager", fullgraph=True)(a)
+    want = F.max_pool2d(b, 2, 2)
+    assert torch.equal(pooled, want)
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(2))
+    pooled.backward(g)
+    want.backward(g)
+    assert torch.equal(a.grad, b.grad)
 
 
 def test_compiled_training_step_matches_the_eager_one(images, tmp_path):
@@ -502,8 +561,13 @@ def test_compiled_training_step_matches_the_eager_one(images, tmp_path):
     (pe, ge), (pc, gc) = grads
     assert (pe[:3] > 0).all() and pe[3] > 0  # every term is in play
     torch.testing.assert_close(pc, pe, rtol=1e-4, atol=0)
-    cos = torch.nn.functional.cosine_similarity(gc, ge, dim=0)
-    assert cos > 0.9999 and torch.linalg.vector_norm(gc) == pytest.approx(float(torch.linalg.vector_norm(ge)), rel=1e-3)
+    # To fp32 rounding: the compiled graph reorders and fuses the same fp32 arithmetic. A step runs about
+    # 60 layers forward and backward with reductions of up to 2 x 64 x 64 = 8192 terms, each good to about
+    # sqrt(8192) x 2**-24 = 5e-6 relative; compounded over the layers, 3e-4 at worst. So the whole gradient
+    # vector is within 1e-3 of the eager one in relative L2 norm. (The cosine above 0.9999 this replaces
+    # allowed 1.4 % error.)
+    rel = float(torch.linalg.vector_norm(gc - ge) / torch.linalg.vector_norm(ge))
+    assert rel <= 1e-3, rel
 
 
 # ----------------------------------------------------------------------------------------------

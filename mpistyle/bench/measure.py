@@ -124,13 +124,13 @@ def measure_forward(video: str, model_path: str, device: str, precision: str, th
 
 def _use_compiled_if(stylizer: Any, option: str, video: str, threads: int) -> None:
     """Give ``stylizer`` the compiled package where a 1-rank ``stylize --compile option`` would use it."""
-    from ..compiled import decide, is_transformer, load_package, obtain_package
+    from ..compiled import decide, is_transformer, load_package, obtain_package, read_figures
     from ..io.media import probe
 
     info = probe(video)
     shape = (1, info.height, info.width, 3)
     on, why = decide(option, stylizer.device, info.n_frames, info.height, info.width, threads,
-                     transformer=is_transformer(stylizer))
+                     transformer=is_transformer(stylizer), figures=read_figures(stylizer.device.type))
     if on:
         data, _ = obtain_package(stylizer, shape)
         if data is not None:

@@ -90,10 +90,12 @@ def validate_on_root(opts: StylizeOptions, n_ranks: int = 1) -> Validated:
 def choose_network(opts: StylizeOptions, checked: Validated, stylizer: Any) -> tuple[str, str]:
     """Rank 0: the numeric path this job takes on every rank (``compiled/...`` or the eager recipe) and why.
 
+    ``--compile auto`` decides by rank 0's recorded compile figures; every rank follows the decision.
+
     A resumed buffer keeps the path it was made with under ``--compile auto`` (frames must match bit for
     bit); an explicit ``--compile on|off`` that differs from it is a settings mismatch, as for any setting.
     """
-    from ..compiled import decide, is_transformer
+    from ..compiled import decide, is_transformer, read_figures
     from ..mpi import fixed_threads
 
     stored = None
@@ -102,7 +104,8 @@ def choose_network(opts: StylizeOptions, checked: Validated, stylizer: Any) -> t
         name = stored_network(buffer_path)
         stored = None if name is None else name.startswith("compiled/")
     on, why = decide(opts.compile, stylizer.device, checked.info.n_frames, checked.height, checked.width,
-                     fixed_threads(opts.threads), stored=stored, transformer=is_transformer(stylizer))
+                     fixed_threads(opts.threads), stored=stored, transformer=is_transformer(stylizer),
+                     figures=read_figures(stylizer.device.type) if opts.compile == "auto" else None)
     return ("compiled/" if on else "") + stylizer.recipe.describe(), why
 
 

@@ -345,11 +345,14 @@ class _RunFlows:
 
 
 def _inject_fault(rank: int, frame: int) -> None:
-    """Test hook: MPISTYLE_FAULT="RANK:FRAME:raise|kill|hang" makes that rank fail at that frame.
+    """Test hook: MPISTYLE_FAULT="RANK:FRAME:raise|kill|hang" (with MPISTYLE_TEST_HOOKS=1) makes that rank
+    fail at that frame.
 
     The failure tests use it to prove that one rank's exception, death or stall ends the whole job.
     """
-    spec = os.environ.get("MPISTYLE_FAULT")
+    from mpistyle.testhooks import hook_value
+
+    spec = hook_value("MPISTYLE_FAULT")
     if not spec:
         return
     want_rank, want_frame, kind = spec.split(":")

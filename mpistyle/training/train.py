@@ -35,6 +35,14 @@ from mpistyle import models as _models
 from mpistyle.errors import Interrupted, IOFailure, MpistyleError, io_failure
 from mpistyle.models import atomic_write, save_model
 from mpistyle.nets import TransformerNet, use_torch_instance_norm
+from mpistyle.training.compiling import (
+    TrainFigures,
+    compile_counts,
+    private_inductor_cache,
+    read_figures,
+    record_figures,
+    share_compilation,
+)
 from mpistyle.training.content import (
     PairPool,
     build_crop_pool,
@@ -88,7 +96,8 @@ DEFAULTS = {
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("auto", "on", "off")
 # --compile auto: compile the loss (about 60 s once, on a 2-core CPU) only when the run has at least
-# this many steps left, where the 2x faster steps repay it several times over.
+# this many steps left, where the 2x faster steps repay it several times over. A first guess: once this
+# machine's figures for the setting are recorded (mpistyle.training.compiling), they decide.
 COMPILE_AUTO_MIN_STEPS = 300
 # Every PALETTE_STRIDE-th pixel (each way) of the output enters the palette loss.
 PALETTE_STRIDE = 3
@@ -244,16 +253,22 @@ def resolve_train_precision(precision: str, device: torch.device) -> torch.dtype
     return None
 
 
-def resolve_compile(mode: str, device: torch.device, steps_left: int) -> bool:
-    """Whether to torch.compile the step's loss: ``on``/``off``, or ``auto`` = on for a CPU run with at
-    least :data:`COMPILE_AUTO_MIN_STEPS` steps left (measured on a 2-core Xeon, bf16, 192 px: 1.5 s a step
-    eager, 0.78 s compiled, about 60 s to compile, so it pays after about 80 steps; on GPUs it is not
-    measured yet, so auto leaves it off there)."""
+def resolve_compile(mode: str, device: torch.device, steps_left: int, figures: TrainFigures | None = None,
+                    batch_size: int = 1) -> bool:
+    """Whether to torch.compile the step's loss: ``on``/``off``, or ``auto`` = on for a CPU run whose steps
+    left repay the compilation PAYBACK times over by this machine's recorded ``figures`` (rank 0's, for the
+    whole ``batch_size``: the same on any rank count), or, until they are recorded, with at least
+    :data:`COMPILE_AUTO_MIN_STEPS` steps left (measured on a 2-core Xeon, bf16, 192 px: 1.5 s a step eager,
+    0.78 s compiled, about 60 s to compile, so it pays after about 80 steps; on GPUs it is not measured
+    yet, so auto leaves it off there)."""
     if mode not in COMPILE_MODES:
         raise MpistyleError(f"unknown --compile '{mode}' (choose {', '.join(COMPILE_MODES)})")
     if mode != "auto":
         return mode == "on"
-    return device.type == "cpu" and steps_left >= COMPILE_AUTO_MIN_STEPS
+    if device.type != "cpu":
+        return False
+    need = figures.min_steps(batch_size) if figures is not None else None
+    return steps_left >= (COMPILE_AUTO_MIN_STEPS if need is None else need)
 
 
 def _flat_grads(params: list[torch.nn.Parameter]) -> np.ndarray:
@@ -379,13 +394,41 @@ class Trainer:
         self.phases: list[dict[str, Any]] = [{"from_step": 0, **cfg.settings()}]
         if cfg.resume:
             self._resume()
-        if resolve_compile(cfg.compile, self.device, cfg.steps - self.step):
+        self.compile_info: dict[str, Any] = {}
+        self.figures_key = {"device": self.device.type, "size": cfg.size, "batch_size": cfg.batch_size,
+                            "precision": str(self.amp_dtype), "temporal": cfg.temporal_weight > 0,
+                            "video_pairs": bool(self.use_video_pairs), "norm": cfg.norm, "vgg_pool": cfg.vgg_pool,
+                            "layers": sorted(set(cfg.style_layers) | set(cfg.content_layers)),
+                            "grid": cfg.grid_weight > 0}
+        figures = None
+        if cfg.compile == "auto" and self.device.type == "cpu":  # rank 0's record decides for every rank
+            figures = self._bcast(read_figures(self.figures_key) if self.comm.rank == 0 else None)
+        if resolve_compile(cfg.compile, self.device, cfg.steps - self.step, figures, cfg.batch_size):
             # The whole loss (network, VGG, Grams, every term) as one graph, so the compiler fuses the
             # pointwise work between the convolutions, forward and backward: compiling the two networks
             # apart left that work eager and gave a third of the speed-up. Static shapes: the batch's
             # shape is fixed for the run (and a no-grad call, batch_loss, is one more graph).
             self._loss_fn = torch.compile(self._loss_parts, dynamic=False)
             self.compiled = True
+
+    def _bcast(self, obj: Any) -> Any:
+        return self.comm.comm.bcast(obj, root=0) if self.comm.size > 1 else obj
+
+    def _warm_up(self) -> None:
+        """Rank 0, before the first step: run the loss forward and backward once for each shape of local
+        batch the job's ranks will see, so every graph is compiled here (the gradients are dropped: the
+        weights and the optimizer are untouched)."""
+        seen = set()
+        for rank in range(self.comm.size):
+            sl = rank_slice(self.cfg.batch_size, rank, self.comm.size)
+            variant = (sl.stop - sl.start, rank == 0 and self.cfg.temporal_weight > 0 and self.pair_pool is not None)
+            if variant in seen or sl.stop == sl.start:
+                continue
+            seen.add(variant)
+            self.opt.zero_grad(set_to_none=True)
+            total, _ = self._losses(self._step_batch(self.step, as_rank=rank))
+            total.backward()
+        self.opt.zero_grad(set_to_none=True)
 
     def _init_from(self, spec: str) -> None:
         """Start from a trained model's weights (bundled name or .pth; fresh optimizer); its provenance
@@ -414,14 +457,16 @@ class Trainer:
             self._pool_gen = gen
         return self.pool
 
-    def _step_batch(self, step: int, local: bool = True) -> StepBatch:
+    def _step_batch(self, step: int, local: bool = True, as_rank: int | None = None) -> StepBatch:
         """Step ``step``'s batch: drawn from a generator seeded by (seed, step), so identical on every
-        rank and after a resume; ``local`` keeps this rank's slice, else the whole global batch."""
+        rank and after a resume; ``local`` keeps this rank's slice (``as_rank``'s: another rank's, for
+        the warm-up), else the whole global batch."""
         cfg = self.cfg
+        me = self.comm.rank if as_rank is None else as_rank
         rng = np.random.default_rng([cfg.seed, step])
         pool = self._crop_pool(step)
         idx = rng.integers(0, pool.shape[0], size=cfg.batch_size)
-        sl = rank_slice(cfg.batch_size, self.comm.rank, self.comm.size) if local else slice(0, cfg.batch_size)
+        sl = rank_slice(cfg.batch_size, me, self.comm.size) if local else slice(0, cfg.batch_size)
         # The crop parameters of every image are drawn even where another rank builds the image.
         side = pool.shape[-1]
         crop_rng = np.random.default_rng(rng.integers(0, 2**63))
@@ -433,7 +478,7 @@ class Trainer:
             if self.pair_pool is not None:
                 pairs = rng.integers(0, len(self.pair_pool), size=cfg.pairs_per_step)
                 # The real pairs of a step count on rank 0 only, so they are counted once globally.
-                batch.pairs = pairs if (self.comm.rank == 0 or not local) else None
+                batch.pairs = pairs if (me == 0 or not local) else None
         return batch
 
     def _autocast(self) -> Any:
@@ -682,6 +727,7 @@ class Trainer:
             "phases": self.phases,
             "precision": str(self.amp_dtype or torch.float32).replace("torch.", ""),
             "compiled_loss": self.compiled,
+            **({"compile": self.compile_info} if self.compile_info else {}),
             "mpi_ranks": self.comm.size,
             "mpistyle_version": __version__,
         }
@@ -730,7 +776,26 @@ class Trainer:
                 f"training diverged at step {int(bad[0]['step'])} (non-finite loss); lower --lr or the loss weights"
             )
 
+    def _record_figures(self, steps: int, after_first_s: float) -> None:
+        """Rank 0: this run's seconds per image of a step (after the first, which may hold the compilation)
+        and the compilation's cost, for later ``--compile auto`` decisions on this machine."""
+        if self.comm.rank != 0 or steps < 3:
+            return
+        sl = rank_slice(self.cfg.batch_size, 0, self.comm.size)
+        step_s = after_first_s / (steps - 1)
+        image_s = step_s / max(1, sl.stop - sl.start)
+        if self.compiled:
+            compile_s = self.compile_info.get("rank0_compile_s", 0.0) - step_s  # the warm-up held one step
+            record_figures(self.figures_key, compiled_image_s=image_s, compile_s=compile_s if compile_s > 0 else None)
+        else:
+            record_figures(self.figures_key, eager_image_s=image_s)
+
     def run(self) -> list[dict[str, float]]:
+        # Ranks other than 0 read rank 0's compiled loss into a private inductor cache (compiling.py).
+        with private_inductor_cache(self.compiled and self.comm.rank != 0):
+            return self._run()
+
+    def _run(self) -> list[dict[str, float]]:
         cfg = self.cfg
         bar = None
         tty = self.comm.rank == 0 and sys.stderr.isatty()
@@ -744,10 +809,15 @@ class Trainer:
                         str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "float32")
         t0 = time.monotonic()
         start = self.step
+        if self.compiled and self.step < cfg.steps:  # compiled once per job: rank 0 compiles, the others read
+            self.compile_info = share_compilation(self.comm.comm, self.comm.rank, self.comm.size, self._warm_up)
+        t_first = t0
         t_last, s_last = t0, self.step
         try:
             while self.step < cfg.steps:
                 self.train_step()
+                if self.step == start + 1:
+                    t_first = time.monotonic()
                 log_now = self.step % cfg.log_every == 0 or self.step == cfg.steps
                 if bar is not None:
                     bar.update(1)
@@ -784,6 +854,11 @@ class Trainer:
             if bar is not None:
                 bar.close()
         self._check_finite(self.flush_history())
+        t_end = time.monotonic()
+        if self.compile_info:  # each rank's compiled and read graphs, for the record (all ranks take part)
+            counts = compile_counts()
+            self.compile_info["per_rank"] = self.comm.comm.gather(counts, root=0) if self.comm.size > 1 else [counts]
+        self._record_figures(self.step - start, t_end - t_first)
         self.save_checkpoint()
         if self.comm.rank == 0:
             took = time.monotonic() - t0
