@@ -76,15 +76,21 @@ CHECKPOINT_VERSION = 1
 
 # Documented defaults (docs/training.md). Losses are on caffe-scaled VGG-19 features (0..255 input).
 DEFAULTS = {
-    "size": 160,
+    # The recipe of the 0.5 bundled styles (issue 28, docs/training.md): 128 px crops with the painting at
+    # 384 px (strokes as large as the painting shows them at 512 px), content at relu2_2 weight 5 against
+    # style 1.5, a palette pull toward the painting's colours, a light TV and grid penalty. From a trained
+    # style (--init starry-night) 300-400 steps move a model most of the way to a new painting.
+    "size": 128,
     "batch_size": 4,
-    "steps": 2000,
+    "steps": 400,
     "lr": 1e-3,
-    "content_weight": 1.0,
-    "style_weight": 1.0,  # 10+ lets the texture wipe out the content (see docs/training.md)
-    "tv_weight": 2e-2,
+    "content_weight": 5.0,
+    "style_weight": 1.5,  # 3+ with content 5 lets the texture wipe out the picture (docs/training.md)
+    "palette_weight": 3000.0,
+    "grid_weight": 10.0,
+    "tv_weight": 2e-3,
     "temporal_weight": 0.0,
-    "style_size": 256,
+    "style_size": 384,
     "video_frames": 48,
     "pool_size": 2048,  # crops kept on the device; at 256 px (320 px pooled) 2048 take 630 MB as uint8
     "pool_refresh": 0,  # steps between new pools (0 = one pool for the whole run)
@@ -185,8 +191,8 @@ class TrainConfig:
     lr_end: float | None = None  # with lr_decay_steps: linear decay of the lr to this over the last steps
     lr_decay_steps: int = 0
     vgg_pool: str = "max"
-    grid_weight: float = 0.0
-    palette_weight: float = 0.0
+    grid_weight: float = DEFAULTS["grid_weight"]
+    palette_weight: float = DEFAULTS["palette_weight"]
     postfilter: str = "none"  # recorded in the model file; the engine applies it at inference
     norm: str = "fused"  # "torch": nn.InstanceNorm2d, the network as mpistyle 0.3 trained it (for comparisons)
     score_on: str | None = None  # held-out video: score every checkpoint, keep the best model
@@ -1015,12 +1021,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--lr-decay-steps", type=int, default=0, metavar="N",
                         help="length of the final lr decay (default 0: none)")
-    parser.add_argument("--palette-weight", type=float, default=0.0,
+    parser.add_argument("--palette-weight", type=float, default=d["palette_weight"],
                         help="weight of the palette loss: sliced Wasserstein distance, in 8-bit levels, between the "
-                        "output's pixel colours and the painting's (default 0)")
-    parser.add_argument("--grid-weight", type=float, default=0.0,
+                        f"output's pixel colours and the painting's (default {d['palette_weight']:g})")
+    parser.add_argument("--grid-weight", type=float, default=d["grid_weight"],
                         help="weight of the period-4 grid loss (per-tile phase pattern of the output's "
-                        "high-pass; counted with the TV part in the logs; default 0)")
+                        f"high-pass; counted with the TV part in the logs; default {d['grid_weight']:g})")
     parser.add_argument("--norm", choices=("fused", "torch"), default="fused",
                         help="instance norm: mpistyle's fused one (default) or torch's InstanceNorm2d, as "
                         "mpistyle 0.3 trained (for speed comparisons; the same weights either way)")
