@@ -118,3 +118,14 @@ def test_engine_median3_is_opencvs_and_a_model_file_asks_for_it(tmp_path):
     assert np.array_equal(b[0], cv2.medianBlur(np.ascontiguousarray(a[0]), 3))
     again = TransformerNet()
     again.load_state_dict(torch.load(tmp_path / "median3.pth", weights_only=True))  # still a plain state dict
+
+
+def test_checkpoint_selection_prefers_passing_then_the_look():
+    near = {"texture": 0.44, "palette": 0.5, "structure": 0.75, "grid": 0.5}
+    passing = {"texture": 0.46, "palette": 0.3, "structure": 0.71, "grid": 0.5}
+    richer = {"texture": 0.5, "palette": 0.4, "structure": 0.72, "grid": 0.5}
+    for rec in (near, passing, richer):
+        rec["shortfall"] = scores.shortfall(rec)
+    assert scores.better(near, None) and scores.better(near, {"structure": 0.9, "psnr": 14.0})
+    assert scores.better(passing, near) and not scores.better(near, passing)
+    assert scores.better(richer, passing) and not scores.better(passing, richer)

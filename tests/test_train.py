@@ -583,14 +583,14 @@ def _train_cmd(images: dict[str, str], out: Path, *extra: str) -> list[str]:
 def test_device_defaults_to_auto_which_is_this_machines_gpu_or_cpu(images, tmp_path):
     import argparse
 
-    from mpistyle.training.train import _pick_device, add_arguments
+    from mpistyle.training.recipe import add_arguments, pick_device
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--style", images["style"], "--content", images["c0"], "-o", str(tmp_path / "m.pth")])
     assert args.device == "auto"
     expected = "cuda:0" if torch.cuda.is_available() else "cpu"
-    assert _pick_device(args.device, Comm()) == expected
+    assert pick_device(args.device, Comm()) == expected
     # The command itself, with no --device: the log says where it trained.
     res = subprocess.run(_train_cmd(images, tmp_path / "m.pth", "--steps", "1"), cwd=ROOT, capture_output=True,
                          text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))

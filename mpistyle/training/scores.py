@@ -195,3 +195,13 @@ def shortfall(scores: dict[str, float]) -> float:
         gap = v - scores[k] if op == ">=" else scores[k] - v
         total += max(0.0, gap) / _SCALE[k]
     return total
+
+
+def better(scores: dict[str, float], best: dict[str, float] | None) -> bool:
+    """Whether a checkpoint's held-out ``scores`` beat the best so far: nearer to passing every bar, then
+    further toward the painting (texture plus palette closeness). Records without these scores (from
+    before 0.5) are always beaten."""
+    if best is None or "texture" not in best or "shortfall" not in best:
+        return True
+    toward = scores["texture"] + scores["palette"]
+    return (scores["shortfall"], -toward) < (best["shortfall"], -(best["texture"] + best["palette"]))
