@@ -13,6 +13,7 @@ from ..buffer import settings_digest
 from ..errors import MpistyleError
 from ..mpi import StopFlag, configure_threads, local_rank_and_size, pause_point, select_device, threads_per_rank
 from ..partition import RankPlan, make_plan
+from ..rawbuffer import remove_raw_except
 from .comm import Messenger, Stopped, describe
 from .gather import Sink
 from .options import Setup, StylizeOptions, chunk_list
@@ -20,10 +21,24 @@ from .scatter import Decoder, LocalDecoder, Receiver, Scheduler, SourceSpool
 from .segments import SegmentWriter, prepare_segment_dir, segment_dir, segment_threads, uses_segments
 from .setup import Validated, choose_network, collective, open_buffer_on_root, read_state_frames, validate_on_root
 from .shutdown import shutdown
+from .spool import OutputSpool, slots_needed
 from .store import FrameStore
 from .worker import RankWorker
 
 logger = logging.getLogger(__name__)
+
+
+def open_outputs(setup: Setup, rp: RankPlan, rank: int, ahead_limit: int, batch: int, dynamic: bool) -> OutputSpool:
+    """This rank's raw-output file, holding (durably) the outputs a stopped job stored for its frames."""
+    from ..rawbuffer import RawFile, read_raw
+
+    todo = set(rp.todo)
+    inherited = {t: entry for t, entry in setup.raw.items() if t in todo} if not dynamic else {}
+    slots = slots_needed(len(set(rp.exports) - set(inherited)), len(inherited), ahead_limit, batch)
+    shape = (setup.height, setup.width, 3)
+    outputs = OutputSpool(shape, RawFile(setup.buffer_path, rank, slots, shape, settings_digest(setup.settings)))
+    outputs.load(read_raw(setup.buffer_path, inherited))
+    return outputs
 
 
 def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]:
@@ -157,10 +172,14 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
                 setup = collective(comm, lambda: open_on_root(restart=True))
         source_ready = spool.arrived  # decoded (or received) while the compilation ran: the report says it
         t_work = time.perf_counter()  # all ranks left the last collective (setup or compile) together: a shared origin
+        # Static: each rank fuses the stored outputs of its own frames. Dynamic: nobody knows yet who gets
+        # which chunk; those frames are stylized again (same bits) and the old outputs deleted below.
+        reused = len(setup.raw) if not dynamic else 0
         if rank == 0:
-            logger.info("stylizing %d frames (%d to do) at %dx%d on %d rank(s), %d thread(s) each, device %s, %s "
-                        "(network %s: %s)", setup.n_frames, plan.n_todo, setup.width, setup.height, size, threads,
-                        device, precision_name, network, network_why)
+            logger.info("stylizing %d frames (%d to do%s) at %dx%d on %d rank(s), %d thread(s) each, device %s, %s "
+                        "(network %s: %s)", setup.n_frames, plan.n_todo - reused,
+                        f"; {reused} more stylized before the stop, to fuse" if reused else "",
+                        setup.width, setup.height, size, threads, device, precision_name, network, network_why)
         collective(comm, index_on_root)  # before any rank reads stored frames from it
         # Stored outputs that start runs exactly: each rank reads its own (static schedule).
         state_frames = collective(comm, lambda: read_state_frames(setup.buffer_path, rp.buffer_frames())
@@ -169,6 +188,11 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
             from ..buffer import open_parallel
 
             parallel = collective(comm, lambda: open_parallel(setup.buffer_path, comm), root_only=False)
+        outputs = collective(comm, lambda: open_outputs(setup, rp, rank, plan.max_warmup + batch if rp.imports else 0,
+                                                        batch, dynamic), root_only=False)
+        names = comm.gather(outputs.raw.name if outputs.raw is not None else "", root=0)
+        # Every rank holds its share durably in its own file now: the old files go (one generation on disk)
+        collective(comm, lambda: remove_raw_except(setup.buffer_path, names))
         store = FrameStore(setup.buffer_path, setup.height, setup.width, settings_digest(setup.settings), msgr,
                            parallel=parallel)
         later: list[threading.Thread] = [store]
@@ -197,7 +221,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
             logger.info("phase: compute")
         # Flow pool: on a GPU node the rank's cores are free for flow; on CPU ranks the network has them.
         worker = RankWorker(comm, rp, plan, setup, stylizer, opts.temporal, spool, msgr, store, batch, state_frames,
-                            t0=t_work, flow_workers=threads if device_type == "cuda" else 1)
+                            t0=t_work, flow_workers=threads if device_type == "cuda" else 1, outputs=outputs)
         worker.counts["source_frames_ready_at_start"] = source_ready
         if sink is not None:
             sink.local = worker.progress
@@ -222,5 +246,6 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
         spool.close()
     if report:  # rank 0
         report["network"] = {"path": network, "why": network_why, **compile_info}
+        report["outputs_inherited"] = sum(r["trace"].get("outputs_inherited", 0) for r in report["per_rank"])
     logger.debug("rank %d: work ended: %s", rank, outcome)
     return report
