@@ -24,6 +24,7 @@ from .comm import Stopped
 logger = logging.getLogger(__name__)
 
 COMMIT_WAIT_S = 0.01  # poll interval while every slot waits for its frame's commit (rare: see slots_needed)
+COMMIT_WAIT_LIMIT_S = 10.0  # a store this slow: the batch waits in memory instead (not kept across a kill)
 
 
 def slots_needed(exports: int, inherited: int, ahead_limit: int, batch: int) -> int:
@@ -141,7 +142,8 @@ class OutputSpool:
     # -- slots ----------------------------------------------------------------------------------
     def _take_slots(self, n: int) -> list[int]:
         self._release_committed()
-        while len(self._free) + len(self._dirty) < n and self._fused:
+        deadline = time.monotonic() + COMMIT_WAIT_LIMIT_S
+        while len(self._free) + len(self._dirty) < n and self._fused and time.monotonic() < deadline:
             # Every slot holds an output the fusion took whose frame the store has not committed yet.
             if self._interrupted() or not self._alive():
                 raise Stopped()
