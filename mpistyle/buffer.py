@@ -33,6 +33,9 @@ Only the open and the close are collective (HDF5's rule for these), both at fixe
 
 Resume with any rank count: rank 0 scans the parts' ``done`` flags; the new run's parts cover only the
 frames still to do (the plan never gives a done frame to anyone), so a frame is done in at most one part.
+
+Network outputs that wait for their fusion live beside the buffer too, in ``BUF.raw/`` (one serial file
+per rank with either layout; ``rawbuffer.py``), so a resume fuses them instead of stylizing them again.
 """
 
 from __future__ import annotations
@@ -352,9 +355,12 @@ class MpioWriter(_FrameWriter):
 
 
 def remove_buffer(path: str) -> None:
-    """Delete a buffer: its main file and its parts (and a v0.2 single file of the same name)."""
+    """Delete a buffer: its main file, its parts and its stored network outputs (``rawbuffer``)."""
+    from .rawbuffer import raw_dir
+
     _unlink(path)
     shutil.rmtree(parts_dir(path), ignore_errors=True)
+    shutil.rmtree(raw_dir(path), ignore_errors=True)
 
 
 def _read_header(path: str) -> dict[str, Any]:

@@ -141,11 +141,12 @@ def test_a_corrupt_cache_is_ignored_with_a_warning(tmp_path, monkeypatch, caplog
 
 @pytest.fixture(scope="module")
 def compiled_runs(tmp_path_factory, model_args) -> dict:
-    """BBB (24 frames, 128x72) with --compile on: a plain process (cold cache: compiles), then -n 2 (cache hit)."""
+    """BBB (24 frames, 128x72) with --compile on: -n 2 (cold cache: rank 0 compiles while both ranks decode),
+    then a plain process (cache hit)."""
     tmp = tmp_path_factory.mktemp("compiled")
     env = {compiled.CACHE_ENV: str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
     runs = {}
-    for ranks in (None, 2):
+    for ranks in (2, None):
         out = tmp / f"n{ranks or 1}.mp4"
         report = tmp / f"n{ranks or 1}.json"
         proc = run_mpistyle(["stylize", str(BBB), "-o", str(out), *model_args, "--compile", "on", "--keep-buffer",
@@ -162,22 +163,23 @@ def compiled_runs(tmp_path_factory, model_args) -> dict:
 def test_compiled_frames_are_identical_on_two_ranks_and_the_cache_is_reused(compiled_runs):
     one, two = compiled_runs[1]["report"]["network"], compiled_runs[2]["report"]["network"]
     assert one["path"] == two["path"] == "compiled/fused-bf16-cl" and one["compiled"] and two["compiled"]
-    assert one["cache"] == "miss" and two["cache"] == "hit"  # compiled once, by the first job's rank 0
+    assert two["cache"] == "miss" and one["cache"] == "hit"  # compiled once, by the first job's rank 0
     assert one["check_psnr_db"] >= 50  # the compiled network against the eager one (54-60 dB measured)
     # The machine's figures for --compile auto, measured by these runs: the cold one's whole compile, the
     # warm one's cache read (rank 0's work as each report gives it).
     figures = json.loads(next(compiled_runs["cache"].glob("figures-*.json")).read_text())
-    assert figures["compile_cold_s"] == pytest.approx(one["root_s"])
-    assert figures["compile_warm_s"] == pytest.approx(two["root_s"])
+    assert figures["compile_cold_s"] == pytest.approx(two["root_s"])
+    assert figures["compile_warm_s"] == pytest.approx(one["root_s"])
     with h5py.File(compiled_runs[1]["buffer"], "r") as a, h5py.File(compiled_runs[2]["buffer"], "r") as b:
         assert a["done"][...].all() and b["done"][...].all()
         assert np.array_equal(a["frames"][...], b["frames"][...])
         assert json.loads(a.attrs["settings"])["network"] == "compiled/fused-bf16-cl"
     assert len(list(compiled_runs["cache"].glob("*.pt2"))) == 1
-    # The source frames flowed while rank 0 obtained the package: each rank says how many were in.
-    for run in (compiled_runs[1], compiled_runs[2]):
-        for r in run["report"]["per_rank"]:
-            assert 0 <= r["counts"]["source_frames_ready_at_start"] <= 24
+    # The source frames flowed while rank 0 compiled (tens of seconds; decoding 24 small frames takes well
+    # under one): on the cold-cache run every rank had all its frames when the package arrived. Hand-worked:
+    # rank 0 decodes its own frames 0..11; rank 1's run starts at 12 and warms up from 0, so it needs 0..23.
+    cold = compiled_runs[2]["report"]
+    assert [r["counts"]["source_frames_ready_at_start"] for r in cold["per_rank"]] == [12, 24]
 
 
 @pytest.mark.timeout(FIXTURE_S + RUN_S + SLACK_S)

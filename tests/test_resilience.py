@@ -268,3 +268,66 @@ def test_test_hooks_without_the_harness_opt_in_are_ignored_with_one_warning(tmp_
         lines = [ln for ln in proc.stderr.splitlines() if f"ignoring {hook}=" in ln]
         assert len(lines) == 2 and all("MPISTYLE_TEST_HOOKS=1" in ln for ln in lines), proc.stderr
     assert probe(str(out)).n_frames == 24
+def _stored_outputs(buffer: Path) -> dict[int, tuple[str, int]]:
+    """Network outputs a run stored (and not yet used) for frames not done, read as a resume reads them."""
+    from mpistyle.rawbuffer import scan_raw
+
+    with h5py.File(buffer, "r", locking=False) as f:
+        digest, done = str(f.attrs["settings_digest"]), np.asarray(f["done"][...], dtype=bool)
+        shape = tuple(f["frames"].shape[1:])
+    return scan_raw(str(buffer), digest, shape, done)[0]
+
+
+def _copy_buffer(buffer: Path, into: Path) -> None:
+    import shutil
+
+    into.mkdir()
+    shutil.copy2(buffer, into / buffer.name)
+    for suffix in (".parts", ".raw"):
+        shutil.copytree(str(buffer) + suffix, str(into / buffer.name) + suffix)
+
+
+def test_kill_keeps_the_outputs_stylized_ahead_for_any_rank_count(tmp_path, uninterrupted, model_args) -> None:
+    """Issue 32: kill -9 both ranks once each has stylized ahead and fused its first frame (the pause it
+    reports); every output the network made is then in the buffer, so the resume, on 3 ranks or on 1,
+    stylizes only what the network had not done yet, and its frames equal the uninterrupted run's."""
+    out = tmp_path / "out.mp4"
+    buffer = Path(str(out) + BUFFER_SUFFIX)
+    args = ["stylize", str(SAMPLE), "-o", str(out), *model_args, *HALF, "--keep-buffer", "--no-progress"]
+    log = tmp_path / "killed.log"
+    proc = _start(["-v", *args], 2, env=PAUSE, log=log)
+    _wait_until_paused(log, proc, 2)
+    stored = _stored_outputs(buffer)
+    assert stored, "nothing stored ahead at the pause"
+    proc.kill()  # SIGKILL to mpiexec, then to every rank: no chance to clean up at all
+    proc.communicate(timeout=60)
+    _kill_until_gone(str(out))
+    done = np.asarray(h5py.File(buffer, "r", locking=False)["done"][...], dtype=bool)
+    stored = _stored_outputs(buffer)
+    # What the network had done by the kill, from the killed run's own log (one line per batch)
+    stylized = {int(t) for line in re.findall(r"network: frames \[([\d, ]+)\]", log.read_text())
+                for t in line.split(", ")}
+    batch = max(len(m.split(",")) for m in re.findall(r"network: frames \[([\d, ]+)\]", log.read_text()))
+    assert set(np.flatnonzero(done)) | set(stored) <= stylized
+    lost = stylized - set(np.flatnonzero(done)) - set(stored)
+    assert len(lost) <= 2 * batch, sorted(lost)  # at most the batch in the network on each rank
+    assert len(stored) >= 10 and not done.all()
+    to_do = 75 - int(done.sum()) - len(stored)
+    copy = tmp_path / "copy"
+    _copy_buffer(buffer, copy)
+
+    for ranks, target in ((3, out), (1, copy / "out.mp4")):
+        report = tmp_path / f"resume{ranks}.json"
+        proc = _start([*args[:3], str(target), *args[4:], "--report", str(report)], ranks)
+        _, err = proc.communicate(timeout=400)
+        assert proc.returncode == 0, err
+        said = re.search(r"\((\d+) to do; (\d+) more stylized before the stop, to fuse\)", err)
+        assert said and (int(said.group(1)), int(said.group(2))) == (to_do, len(stored)), err
+        assert to_do <= 75 - len(stylized) + 2 * batch  # redone: not stylized at the kill + a batch per rank
+        rep = json.loads(report.read_text())
+        assert rep["outputs_inherited"] == len(stored)
+        own = sum(r["counts"]["network_frames"] - r["counts"].get("halo_network_frames", 0) for r in rep["per_rank"])
+        assert own == to_do  # the network ran exactly on the frames not stored
+        target_buffer = Path(str(target) + BUFFER_SUFFIX)
+        assert np.array_equal(_frames(target_buffer), uninterrupted["frames"]), ranks
+        assert list(Path(str(target_buffer) + ".raw").iterdir()) == []  # consumed outputs are deleted

@@ -63,6 +63,8 @@ class Setup:
     done: np.ndarray
     settings: dict[str, Any]
     layout: str = "parts"  # the buffer's layout: parts (one file per run, a virtual main file) or mpio
+    # network outputs a stopped job stored for frames not done: frame -> (raw file name, slot) (rawbuffer.py)
+    raw: dict[int, tuple[str, int]] = field(default_factory=dict)
 
 
 def chunk_list(frames: Sequence[int], chunk: int) -> list[list[int]]:

@@ -14,6 +14,7 @@ from ..buffer import settings_digest
 from ..errors import MpistyleError, exit_code_for
 from ..mpi import StopFlag, configure_threads, local_rank_and_size, pause_point, select_device, threads_per_rank
 from ..partition import RankPlan, make_plan
+from ..rawbuffer import remove_raw_except
 from .comm import Messenger, Stopped, describe
 from .gather import Sink
 from .options import Setup, StylizeOptions, chunk_list
@@ -21,10 +22,24 @@ from .scatter import Decoder, LocalDecoder, Receiver, Scheduler, SourceSpool
 from .segments import SegmentWriter, prepare_segment_dir, segment_dir, segment_threads, uses_segments
 from .setup import Validated, choose_network, collective, open_buffer_on_root, read_state_frames, validate_on_root
 from .shutdown import shutdown
+from .spool import OutputSpool, slots_needed
 from .store import FrameStore
 from .worker import RankWorker
 
 logger = logging.getLogger(__name__)
+
+
+def open_outputs(setup: Setup, rp: RankPlan, rank: int, ahead_limit: int, batch: int, dynamic: bool) -> OutputSpool:
+    """This rank's raw-output file, holding (durably) the outputs a stopped job stored for its frames."""
+    from ..rawbuffer import RawFile, read_raw
+
+    todo = set(rp.todo)
+    inherited = {t: entry for t, entry in setup.raw.items() if t in todo} if not dynamic else {}
+    slots = slots_needed(len(set(rp.exports) - set(inherited)), len(inherited), ahead_limit, batch)
+    shape = (setup.height, setup.width, 3)
+    outputs = OutputSpool(shape, RawFile(setup.buffer_path, rank, slots, shape, settings_digest(setup.settings)))
+    outputs.load(read_raw(setup.buffer_path, inherited))
+    return outputs
 
 
 def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]:
@@ -161,9 +176,12 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
                 setup = collective(comm, lambda: open_on_root(restart=True))
         source_ready = spool.arrived  # decoded (or received) while the compilation ran: the report says it
         t_work = time.perf_counter()  # all ranks left the last collective (setup or compile) together: a shared origin
+        # Static: each rank fuses the stored outputs of its own frames. Dynamic: nobody knows yet who gets
+        # which chunk; those frames are stylized again (same bits) and the old outputs deleted below.
+        reused = len(setup.raw) if not dynamic else 0
         if rank == 0:
             logger.info(run_summary(setup.n_frames, plan.n_todo, setup.width, setup.height, size,
-                                    checked.model_path, device, precision_name, network))
+                                    checked.model_path, device, precision_name, network, reused))
             # The details, for -v: the numeric recipe, why it was (not) compiled, the threads.
             logger.debug("network %s (%s); %d thread(s) per rank", network, network_why, threads)
         collective(comm, index_on_root)  # before any rank reads stored frames from it
@@ -174,6 +192,11 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
             from ..buffer import open_parallel
 
             parallel = collective(comm, lambda: open_parallel(setup.buffer_path, comm), root_only=False)
+        outputs = collective(comm, lambda: open_outputs(setup, rp, rank, plan.max_warmup + batch if rp.imports else 0,
+                                                        batch, dynamic), root_only=False)
+        names = comm.gather(outputs.raw.name if outputs.raw is not None else "", root=0)
+        # Every rank holds its share durably in its own file now: the old files go (one generation on disk)
+        collective(comm, lambda: remove_raw_except(setup.buffer_path, names))
         store = FrameStore(setup.buffer_path, setup.height, setup.width, settings_digest(setup.settings), msgr,
                            parallel=parallel)
         later: list[threading.Thread] = [store]
@@ -202,7 +225,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
             logger.info("phase: compute")
         # Flow pool: on a GPU node the rank's cores are free for flow; on CPU ranks the network has them.
         worker = RankWorker(comm, rp, plan, setup, stylizer, opts.temporal, spool, msgr, store, batch, state_frames,
-                            t0=t_work, flow_workers=threads if device_type == "cuda" else 1)
+                            t0=t_work, flow_workers=threads if device_type == "cuda" else 1, outputs=outputs)
         worker.counts["source_frames_ready_at_start"] = source_ready
         if sink is not None:
             sink.local = worker.progress
@@ -227,6 +250,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
         spool.close()
     if report:  # rank 0
         report["network"] = {"path": network, "why": network_why, **compile_info}
+        report["outputs_inherited"] = sum(r["trace"].get("outputs_inherited", 0) for r in report["per_rank"])
     logger.debug("rank %d: work ended: %s", rank, outcome)
     return report
 
@@ -235,7 +259,7 @@ _SHORT_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 def run_summary(n_frames: int, todo: int, width: int, height: int, ranks: int, model_path: str, device: str,
-                precision: str, network: str) -> str:
+                precision: str, network: str, reused: int = 0) -> str:
     """The line a user reads first: what is stylized, where and how, in plain words (details at -v)."""
     style = os.path.splitext(os.path.basename(model_path))[0]
     where = "CPU" if device == "cpu" else f"GPU {device}"
@@ -243,5 +267,7 @@ def run_summary(n_frames: int, todo: int, width: int, height: int, ranks: int, m
                     + (["compiled"] if network.startswith("compiled/") else []))
     done = n_frames - todo
     resumed = f"; {done} were done before, {todo} to go" if done else ""
+    if reused:  # outputs the network made before a kill, kept in the buffer: fused, not stylized again
+        resumed += f" ({todo - reused} to do; {reused} more stylized before the stop, to fuse)"
     return (f"stylizing {n_frames} frames at {width}x{height} on {ranks} rank{'s' if ranks != 1 else ''} "
             f"with '{style}' ({how}){resumed}")

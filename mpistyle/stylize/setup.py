@@ -126,6 +126,7 @@ def stored_network(buffer_path: str) -> str | None:
 def open_buffer_on_root(opts: StylizeOptions, checked: Validated, precision_name: str, device_type: str,
                         n_ranks: int = 1, network: str | None = None) -> Setup:
     from ..buffer import FrameBuffer, check_free_space, resolve_layout
+    from ..rawbuffer import scan_raw
 
     info, width, height, model_path = checked.info, checked.width, checked.height, checked.model_path
     buffer_path = opts.buffer or default_buffer_path(opts.output)
@@ -155,11 +156,15 @@ def open_buffer_on_root(opts: StylizeOptions, checked: Validated, precision_name
     buf.close()
     if not fresh:
         check_free_space(buffer_path, int((~done).sum()), width * height * 3)
-    if done.any():
-        logger.info("resuming from %s: %d of %d frames already done", buffer_path, int(done.sum()), len(done))
+    raw: dict[int, tuple[str, int]] = {}
+    if not fresh:  # the network outputs a stopped job stored: fused on resume, not stylized again
+        raw, _ = scan_raw(buffer_path, buf.digest, (height, width, 3), done)
+    if done.any() or raw:
+        logger.info("resuming from %s: %d of %d frames already done, %d more already stylized", buffer_path,
+                    int(done.sum()), len(done), len(raw))
     return Setup(n_frames=info.n_frames, width=width, height=height, fps_num=info.fps.numerator,
                  fps_den=info.fps.denominator, has_audio=info.has_audio, model_path=model_path,
-                 buffer_path=buffer_path, done=done, settings=settings, layout=layout)
+                 buffer_path=buffer_path, done=done, settings=settings, layout=layout, raw=raw)
 
 
 def read_state_frames(buffer_path: str, frames: list[int]) -> dict[int, np.ndarray]:

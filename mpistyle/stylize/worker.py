@@ -3,15 +3,18 @@
 No rank's network waits for another rank after the start (issue 20). Each rank first stylizes the
 frames its successor warms up over ("exports": the tail of its partition, at most
 ``every + lead - 1`` frames) and sends the raw network outputs. Then, for each run, it keeps
-stylizing its own frames while its own warm-up frames are on the way (their outputs wait in an
-:class:`OutputSpool` on local disk, at most ``every + lead - 1 + batch`` of them), fuses the warm-up
-once it is there, and fuses its own frames in order. The frames go to its own buffer store (and
-segment encoder): nothing but progress notes goes to rank 0. The static schedule adds no network
-passes; the report's ``trace`` records the network's order and every wait, which the tests check.
+stylizing its own frames while its own warm-up frames are on the way (at most ``every + lead - 1 + batch``
+of them), fuses the warm-up once it is there, and fuses its own frames in order. Every network output
+waits in an :class:`OutputSpool`, in the buffer's raw-output file, until its frame is committed: a kill
+loses at most the batch in the network, and a resume fuses what was stored (issue 32). The frames go
+to its own buffer store (and segment encoder): nothing but progress notes goes to rank 0. The static
+schedule adds no network passes; the report's ``trace`` records the network's order and every wait, which
+the tests check.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import defaultdict, deque
@@ -27,7 +30,10 @@ from .gather import Progress, ProgressSender
 from .options import Setup
 from .scatter import Receiver, Scheduler, SourceSpool
 from .spool import OutputSpool
+from .spool import describe as describe_spool
 from .store import FrameStore
+
+logger = logging.getLogger(__name__)
 
 MAX_EVENTS = 50_000
 
@@ -37,7 +43,8 @@ class RankWorker:
 
     def __init__(self, comm: Any, rp: RankPlan, plan: Plan, setup: Setup, stylizer: Any,
                  temporal: TemporalSettings, spool: SourceSpool, msgr: Messenger, store: FrameStore,
-                 batch: int, state_frames: dict[int, np.ndarray], t0: float, flow_workers: int = 1) -> None:
+                 batch: int, state_frames: dict[int, np.ndarray], t0: float, flow_workers: int = 1,
+                 outputs: OutputSpool | None = None) -> None:
         from ..temporal.chains import TemporalFuser
         from ..temporal.flowpool import FlowPool
         from ..temporal.kernels import make_backend
@@ -57,9 +64,10 @@ class RankWorker:
         self.flows = FlowPool(workers=flow_workers, lookahead=max(batch + 1, 2 * flow_workers),
                               method=temporal.flow_method, preset=temporal.flow_preset,
                               on_pair=lambda start: self._record("flow", start)) if self.flow_mode else None
-        # Raw network outputs computed before their turn in the fusion order: exports, and own frames
-        # stylized while the warm-up arrives (at most ``ahead_limit`` of those per run).
-        self.cache = OutputSpool(self.shape, getattr(spool, "scratch", None))
+        # Raw network outputs until their frames are committed: exports, own frames stylized while the
+        # warm-up arrives (at most ``ahead_limit`` of those per run), outputs stored by a stopped job.
+        self.cache = outputs if outputs is not None else OutputSpool(self.shape)
+        self.cache.watch(store.committed, store.is_alive, msgr.interrupted)
         self.ahead_limit = plan.max_warmup + batch
         # What the network did, in order, and every wait for warm-up frames (the report's "trace").
         self.order: list[list[int]] = []  # runs [first, stop) of frames in the order they were stylized
@@ -125,12 +133,22 @@ class RankWorker:
         return chunk
 
     def _stylize_exports(self) -> None:
+        # In frame order: each consumer's receives are posted in that order and match in it (MPI's
+        # non-overtaking rule). Outputs a stopped job stored are sent as they are.
         frames = sorted(self.rp.exports)
-        for i in range(0, len(frames), self.batch):
-            group = frames[i:i + self.batch]
+        i = 0
+        while i < len(frames):
+            if frames[i] in self.cache:
+                self._export(frames[i], self.cache.peek(frames[i]))
+                i += 1
+                continue
+            group = []
+            while i < len(frames) and len(group) < self.batch and frames[i] not in self.cache:
+                group.append(frames[i])
+                i += 1
             outs = self._network(group)
+            self.cache.put_many(zip(group, outs, strict=True))
             for t, out in zip(group, outs, strict=True):
-                self.cache.put(t, out)
                 self._export(t, out)
             self._check_stop()
 
@@ -181,8 +199,10 @@ class RankWorker:
             else:
                 start = time.perf_counter()
                 req, buf = self.halo_reqs[t]
-                if not req.Test():  # the network stops here: the trace says how far ahead it had got
-                    self.halo_waits.append({"frame": t, "run_start": run.start, **ahead})
+                if not req.Test():  # the network stops here: the trace says how far ahead it had got, and
+                    # after how many passes (the first "network" frames of the trace's order came before it)
+                    self.halo_waits.append({"frame": t, "run_start": run.start, **ahead,
+                                            "network": self.counts["network_frames"]})
                     self.msgr.wait(req)
                 self._record("wait_halo", start)
             self._fuse(t, buf, pair)
@@ -191,11 +211,13 @@ class RankWorker:
         for i in range(0, len(frames), self.batch):
             group = frames[i:i + self.batch]
             todo = [t for t in group if t not in self.cache]
-            outs = dict(zip(todo, self._network(todo), strict=True)) if todo else {}
-            for t, out in outs.items():
-                self._export(t, out)
+            if todo:
+                outs = self._network(todo)
+                self.cache.put_many(zip(todo, outs, strict=True))  # durable before the fusion takes them
+                for t, out in zip(todo, outs, strict=True):
+                    self._export(t, out)
             for t in group:
-                stylized = self.cache.pop(t) if t in self.cache else outs[t]
+                stylized = self.cache.pop(t)
                 pair = self._wait_pair(flows, t)
                 out = self._fuse(t, stylized, pair)
                 self._emit(t, out)
@@ -212,8 +234,7 @@ class RankWorker:
         done = 0
         while done < min(len(own), self.ahead_limit) and not all(req.Test() for req in reqs):
             group = own[done:done + min(self.batch, self.ahead_limit - done)]
-            for t, out in zip(group, self._network(group), strict=True):
-                self.cache.put(t, out)
+            self.cache.put_many(zip(group, self._network(group), strict=True))
             done += len(group)
             self._check_stop()
         return {"ahead": done, "could": min(len(own), self.ahead_limit)}
@@ -238,6 +259,8 @@ class RankWorker:
         out = self.stylizer(np.stack(sources))
         self._record("network", start)
         self.counts["network_frames"] += len(frames)
+        # -v: what the network has done, as it happens (a killed run's log says what a kill lost)
+        logger.debug("rank %d: network: frames %s", self.comm.Get_rank(), frames)
         for t in frames:
             if self.order and self.order[-1][1] == t:
                 self.order[-1][1] = t + 1
@@ -307,7 +330,7 @@ class RankWorker:
     def trace(self) -> dict[str, Any]:
         """The network's order and the waits for warm-up frames, for the report (and the tests)."""
         return {"exports": sorted(self.rp.exports), "imports": sorted(self.rp.imports), "order": self.order,
-                "halo_waits": self.halo_waits, "ahead_limit": self.ahead_limit, "spool_peak": self.cache.peak}
+                "halo_waits": self.halo_waits, "ahead_limit": self.ahead_limit, **describe_spool(self.cache)}
 
     def cancel_unmatched(self) -> None:
         for req, _ in self.halo_reqs.values():
