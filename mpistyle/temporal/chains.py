@@ -3,7 +3,9 @@
 ``out_t = s_t (1 - a) + warp(out_{t-1}, flow_back) a`` with ``a = strength * mask``: the previous
 *output* is carried into frame t by optical flow computed on the *source* frames and blended
 with the fresh stylization ``s_t`` where the forward-backward check trusts the flow; occluded
-and disoccluded pixels (mask 0) take the fresh stylization as is.
+and disoccluded pixels (mask 0) take the fresh stylization as is. The mask is the check itself, not
+eroded (issue 30, docs/flicker.md): on fast motion a 7x7 erosion left a fifth of the frame to the
+per-frame output, and that fifth held nearly all the flicker the mode left.
 
 Properties the MPI pipeline builds on:
 
