@@ -11,8 +11,17 @@ import pytest
 
 from mpistyle.errors import MpistyleError
 from mpistyle.io.media import iter_frames, read_all
-from mpistyle.metrics import (_fit, add_arguments, evaluate, format_table, main, psnr, seam_report, structure_kept,
-                              warping_errors)
+from mpistyle.metrics import (
+    _fit,
+    add_arguments,
+    evaluate,
+    format_table,
+    main,
+    psnr,
+    seam_report,
+    structure_kept,
+    warping_errors,
+)
 
 from .conftest import BBB, CARPHONE, DATA
 
@@ -184,7 +193,7 @@ def test_evaluate_reports_the_added_flicker_over_the_sources_floor(tmp_path, car
     assert fl["e10_per_frame"] > fl["e10_output"] > 0
     # a colour jitter keeps the edges (the Sobel magnitude ignores an offset except where it clips)
     assert fl["kept_output"] > 0.9 and fl["kept_per_frame"] > 0.9
-    assert fl["kept_output"] == pytest.approx(np.mean([structure_kept(a, b) for a, b in zip(frames, output)]))
+    assert fl["kept_output"] == pytest.approx(np.mean([structure_kept(a, b) for a, b in zip(frames, output, strict=True)]))
     assert res["warping_error"] == pytest.approx(e_out, rel=1e-9)  # the old figure is unchanged
     table = format_table(res)
     assert f"{fl['added_flicker']:.3f}" in table and "E_source" in table
