@@ -193,7 +193,8 @@ def test_evaluate_reports_the_added_flicker_over_the_sources_floor(tmp_path, car
     assert fl["e10_per_frame"] > fl["e10_output"] > 0
     # a colour jitter keeps the edges (the Sobel magnitude ignores an offset except where it clips)
     assert fl["kept_output"] > 0.9 and fl["kept_per_frame"] > 0.9
-    assert fl["kept_output"] == pytest.approx(np.mean([structure_kept(a, b) for a, b in zip(frames, output, strict=True)]))
+    kept = [structure_kept(a, b) for a, b in zip(frames, output, strict=True)]
+    assert fl["kept_output"] == pytest.approx(np.mean(kept))
     assert res["warping_error"] == pytest.approx(e_out, rel=1e-9)  # the old figure is unchanged
     table = format_table(res)
     assert f"{fl['added_flicker']:.3f}" in table and "E_source" in table

@@ -36,7 +36,8 @@ its own random colour gain 0.85-1.15, offset +-12 and Gaussian noise sigma 8), w
   at a fifth of medium's cost.
 * ``scene_cut`` 0.25: consecutive frames of the clips have confidence >= 0.76 with DIS fast (mean
   0.86-0.93; >= 0.55 with ultrafast/medium on the 128x72 clip), frames across a cut (bbb vs
-  carphone) <= 0.10 (<= 0.14 with issue 30's un-eroded mask; consecutive bbb frames >= 0.93), and bbb frames 100 frames apart (same set, large motion) still 0.65-0.70.
+  carphone) <= 0.10 (<= 0.14 with issue 30's un-eroded mask; consecutive bbb frames >= 0.93), and
+  bbb frames 100 frames apart (same set, large motion) still 0.65-0.70.
 """
 
 from __future__ import annotations
