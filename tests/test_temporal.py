@@ -91,7 +91,9 @@ def test_wrong_state_decays_on_real_video(bbb):
     for k, d in enumerate(diffs):
         # mean error, so allow some slack for warps that gather from a region more than once
         assert d <= 1.5 * st.strength ** (k + 1) * e0 + 0.1, (k, d, e0)
-    assert diffs[-1] < 0.05
+    # after 20 frames the wrong state weighs strength**20 (0.08 % of it) at most: every trusted pixel decays by
+    # the blend weight alone since the mask is no longer eroded (issue 30), which reset more pixels to fresh
+    assert diffs[-1] < st.strength ** len(diffs) * e0 < 0.1
     assert st.halo_frames(0.01) == 13
 
 
