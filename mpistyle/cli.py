@@ -261,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="warping error (Lai et al.) of a stylized video, boundary vs interior",
                        description="Temporal warping error of STYLIZED against SOURCE (flow on the source "
-                                   "frames, occlusion-masked, [0,1] RGB), overall and at partition boundaries.")
+                                   "frames, occlusion-masked, [0,1] RGB), overall and at partition boundaries; "
+                                   "the source's own floor, the added flicker against a --per-frame output "
+                                   "(--temporal none), long-term E(t, t+10) and the structure kept.")
     metrics.add_arguments(p)
     p.set_defaults(func=metrics.main)
 

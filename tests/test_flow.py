@@ -176,9 +176,10 @@ def test_pair_flow_on_real_frames(big_frames):
     err_warped = np.abs(warped.astype(int) - cur)[keep].mean()
     err_still = np.abs(prev.astype(int) - cur)[keep].mean()
     assert err_warped < 0.7 * err_still
-    # the min-filter only removes pixels
-    raw = pair_flow(est, to_gray(prev), to_gray(cur), min_filter=1)
-    assert np.all(pf.mask <= raw.mask) and raw.confidence > pf.confidence
+    # the default mask is the forward-backward check itself (issue 30); a min-filter only removes pixels
+    assert np.array_equal(pf.mask, certainty_mask(pf.flow_back, est.flow(to_gray(prev), to_gray(cur))))
+    eroded = pair_flow(est, to_gray(prev), to_gray(cur), min_filter=7)
+    assert np.all(eroded.mask <= pf.mask) and pf.confidence > eroded.confidence
 
 
 def test_confidence_collapses_across_a_cut():

@@ -11,7 +11,17 @@ import pytest
 
 from mpistyle.errors import MpistyleError
 from mpistyle.io.media import iter_frames, read_all
-from mpistyle.metrics import _fit, add_arguments, evaluate, format_table, main, psnr, seam_report, warping_errors
+from mpistyle.metrics import (
+    _fit,
+    add_arguments,
+    evaluate,
+    format_table,
+    main,
+    psnr,
+    seam_report,
+    structure_kept,
+    warping_errors,
+)
 
 from .conftest import BBB, CARPHONE, DATA
 
@@ -144,3 +154,50 @@ def test_seam_report_finds_the_lowest_frame_and_counts_identical_ones():
     assert math.isinf(seam_report(ref, ref)["lowest_psnr"])
     with pytest.raises(MpistyleError, match="differ in length"):
         seam_report(ref, other[:4])
+
+
+def _write_sequence(folder, frames) -> str:
+    import cv2
+
+    folder.mkdir()
+    for i, f in enumerate(frames):
+        cv2.imwrite(str(folder / f"{i + 1:04d}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))  # lossless
+    return str(folder)
+
+
+def test_evaluate_reports_the_added_flicker_over_the_sources_floor(tmp_path, carphone):
+    """Issue 30: E_source, E_output, E_per-frame and (E_out - E_src) / (E_pf - E_src) on real frames.
+
+    The "per-frame" video jitters each frame's colour; the "output" jitters by a third as much, so its
+    added flicker is well inside (0, 1); the figures must equal the plain warping errors of the three videos.
+    """
+    frames = carphone[:8]
+    rng = np.random.default_rng(1)
+    jitter = rng.uniform(-1, 1, (len(frames), 1, 1, 3)) * 24
+    per_frame = [np.clip(f + j, 0, 255).astype(np.uint8) for f, j in zip(frames, jitter, strict=True)]
+    output = [np.clip(f + j / 3, 0, 255).astype(np.uint8) for f, j in zip(frames, jitter, strict=True)]
+    src_p = _write_sequence(tmp_path / "src", list(frames))
+    pf_p, out_p = _write_sequence(tmp_path / "pf", per_frame), _write_sequence(tmp_path / "out", output)
+    res = evaluate(src_p, out_p, per_frame_path=pf_p, long_gap=5)
+    fl = res["flicker"]
+    assert fl["pairs"] == len(frames) - 1 and fl["pairs_skipped"] == 0
+    e_src = warping_errors(frames, frames).mean()
+    e_out, e_pf = warping_errors(frames, output).mean(), warping_errors(frames, per_frame).mean()
+    assert fl["e_source"] == pytest.approx(e_src, rel=1e-9)
+    assert fl["e_output"] == pytest.approx(e_out, rel=1e-9)
+    assert fl["e_per_frame"] == pytest.approx(e_pf, rel=1e-9)
+    assert fl["added_flicker"] == pytest.approx((e_out - e_src) / (e_pf - e_src), rel=1e-9)
+    assert 0.02 < fl["added_flicker"] < 0.5 and fl["adds_flicker"]
+    # long-term: pairs (0, 5), (1, 6), (2, 7), flow computed between them directly
+    assert fl["long_pairs"] + fl["long_pairs_skipped"] == 3 and fl["long_pairs"] >= 1
+    assert fl["e10_per_frame"] > fl["e10_output"] > 0
+    # a colour jitter keeps the edges (the Sobel magnitude ignores an offset except where it clips)
+    assert fl["kept_output"] > 0.9 and fl["kept_per_frame"] > 0.9
+    kept = [structure_kept(a, b) for a, b in zip(frames, output, strict=True)]
+    assert fl["kept_output"] == pytest.approx(np.mean(kept))
+    assert res["warping_error"] == pytest.approx(e_out, rel=1e-9)  # the old figure is unchanged
+    table = format_table(res)
+    assert f"{fl['added_flicker']:.3f}" in table and "E_source" in table
+    with pytest.raises(MpistyleError, match="per-frame video ends after 2 frames"):
+        short = _write_sequence(tmp_path / "s3", list(frames[:3]))
+        evaluate(short, short, per_frame_path=_write_sequence(tmp_path / "pf2", per_frame[:2]))

@@ -91,7 +91,9 @@ def test_wrong_state_decays_on_real_video(bbb):
     for k, d in enumerate(diffs):
         # mean error, so allow some slack for warps that gather from a region more than once
         assert d <= 1.5 * st.strength ** (k + 1) * e0 + 0.1, (k, d, e0)
-    assert diffs[-1] < 0.05
+    # after 20 frames the wrong state weighs strength**20 (0.08 % of it) at most: every trusted pixel decays by
+    # the blend weight alone since the mask is no longer eroded (issue 30), which reset more pixels to fresh
+    assert diffs[-1] < st.strength ** len(diffs) * e0 < 0.1
     assert st.halo_frames(0.01) == 13
 
 
@@ -241,3 +243,32 @@ def test_anchored_fuser_checks_indices_and_exact_states(bbb):
         fuser.reset(bbb[3], bbb[3])
     fuser.reset(bbb[3], bbb[3], prev_t=3)
     assert fuser.has_state
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_rejected_flow_takes_the_per_frame_output_exactly(bbb, backend):
+    """Issue 30: where the forward-backward check rejects the flow, the default output IS the stylization.
+
+    Real frames (Big Buck Bunny: a moving subject, so occlusions exist), default settings; the check is
+    recomputed here from the raw flows (not the fuser's mask), so an erosion or soft weight that leaked
+    the warped history into rejected pixels would fail.
+    """
+    from mpistyle.temporal.flow import certainty_mask
+    from mpistyle.temporal.kernels import make_backend
+
+    settings = TemporalSettings()
+    sty = flicker(bbb, seed=3)
+    fuser = TemporalFuser(settings, backend=make_backend(backend))
+    est = FlowEstimator(settings.flow_method, settings.flow_preset)
+    rejected_total = fused_total = 0
+    prev = None
+    for src, y in zip(bbb, sty, strict=True):
+        out = fuser.step(src, y)
+        if prev is not None and not fuser.last_was_cut:
+            g0, g1 = to_gray(prev), to_gray(src)
+            rejected = certainty_mask(est.flow(g1, g0), est.flow(g0, g1)) == 0
+            assert np.array_equal(out[rejected], y[rejected])
+            rejected_total += int(rejected.sum())
+            fused_total += int((out[~rejected] != y[~rejected]).any(axis=-1).sum())
+        prev = src
+    assert rejected_total > 100 and fused_total > 100  # both kinds of pixel were there

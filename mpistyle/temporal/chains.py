@@ -3,7 +3,9 @@
 ``out_t = s_t (1 - a) + warp(out_{t-1}, flow_back) a`` with ``a = strength * mask``: the previous
 *output* is carried into frame t by optical flow computed on the *source* frames and blended
 with the fresh stylization ``s_t`` where the forward-backward check trusts the flow; occluded
-and disoccluded pixels (mask 0) take the fresh stylization as is.
+and disoccluded pixels (mask 0) take the fresh stylization as is. The mask is the check itself, not
+eroded (issue 30, docs/flicker.md): on fast motion a 7x7 erosion left a fifth of the frame to the
+per-frame output, and that fifth held nearly all the flicker the mode left.
 
 Properties the MPI pipeline builds on:
 
@@ -34,7 +36,8 @@ its own random colour gain 0.85-1.15, offset +-12 and Gaussian noise sigma 8), w
   at a fifth of medium's cost.
 * ``scene_cut`` 0.25: consecutive frames of the clips have confidence >= 0.76 with DIS fast (mean
   0.86-0.93; >= 0.55 with ultrafast/medium on the 128x72 clip), frames across a cut (bbb vs
-  carphone) <= 0.10, and bbb frames 100 frames apart (same set, large motion) still 0.65-0.70.
+  carphone) <= 0.10 (<= 0.14 with issue 30's un-eroded mask; consecutive bbb frames >= 0.93), and
+  bbb frames 100 frames apart (same set, large motion) still 0.65-0.70.
 """
 
 from __future__ import annotations
