@@ -49,6 +49,11 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     configure_threads(threads)
 
     checked: Validated = collective(comm, lambda: validate_on_root(opts, size))
+    # The look controls (mpistyle.controls): the network runs at the stroke scale's size.
+    from ..controls import network_size
+
+    controls = opts.controls(checked.height, checked.width)
+    net_h, net_w = network_size(checked.height, checked.width, controls.stroke_scale)
 
     def load() -> Any:
         import torch
@@ -62,7 +67,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
         stylizer = Stylizer(model, device=torch.device(device), precision=opts.precision)
         # --batch auto: from the device's free memory, shared by the ranks bound to the same GPU
         sharing = -(-local_size // max(1, torch.cuda.device_count())) if device.startswith("cuda") else 1
-        batch = stylizer.resolve_batch(opts.batch or "auto", checked.height, checked.width, ranks_per_device=sharing)
+        batch = stylizer.resolve_batch(opts.batch or "auto", net_h, net_w, ranks_per_device=sharing)
         return stylizer, device, dtype, batch
 
     stylizer, device, dtype, batch = collective(comm, load, root_only=False)
@@ -73,7 +78,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     if network.startswith("compiled/"):
         from ..compiled import start_compile
 
-        compile_job = start_compile(comm, stylizer, (batch, checked.height, checked.width, 3))
+        compile_job = start_compile(comm, stylizer, (batch, net_h, net_w, 3))
     precision_name = str(dtype).replace("torch.", "") if dtype is not None else "float32"
     device_type = device.split(":")[0]
     segmented = uses_segments(opts.output, size, opts.encode)  # validated on rank 0 above
@@ -161,6 +166,8 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
             logger.info("stylizing %d frames (%d to do) at %dx%d on %d rank(s), %d thread(s) each, device %s, %s "
                         "(network %s: %s)", setup.n_frames, plan.n_todo, setup.width, setup.height, size, threads,
                         device, precision_name, network, network_why)
+            if not controls.identity:
+                logger.info("look: %s (network at %dx%d)", controls.describe(), net_w, net_h)
         collective(comm, index_on_root)  # before any rank reads stored frames from it
         # Stored outputs that start runs exactly: each rank reads its own (static schedule).
         state_frames = collective(comm, lambda: read_state_frames(setup.buffer_path, rp.buffer_frames())
@@ -196,7 +203,11 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
         if rank == 0:
             logger.info("phase: compute")
         # Flow pool: on a GPU node the rank's cores are free for flow; on CPU ranks the network has them.
-        worker = RankWorker(comm, rp, plan, setup, stylizer, opts.temporal, spool, msgr, store, batch, state_frames,
+        from ..engine import ControlledStylizer
+
+        # The controls act on the network's output, before fusion: the worker sees the final look.
+        looks = ControlledStylizer(stylizer, controls)
+        worker = RankWorker(comm, rp, plan, setup, looks, opts.temporal, spool, msgr, store, batch, state_frames,
                             t0=t_work, flow_workers=threads if device_type == "cuda" else 1)
         worker.counts["source_frames_ready_at_start"] = source_ready
         if sink is not None:
@@ -222,5 +233,6 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
         spool.close()
     if report:  # rank 0
         report["network"] = {"path": network, "why": network_why, **compile_info}
+        report["controls"] = {**controls.settings(), "network_size": [net_w, net_h]}
     logger.debug("rank %d: work ended: %s", rank, outcome)
     return report
