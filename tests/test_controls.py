@@ -40,7 +40,8 @@ def painting() -> np.ndarray:
 
     img = cv2.cvtColor(cv2.imread(str(DATA.parent.parent / "mpistyle" / "styles" / f"{DEFAULT_MODEL}.jpg")),
                        cv2.COLOR_BGR2RGB)
-    return cv2.resize(img, (256, round(256 * img.shape[0] / img.shape[1])), interpolation=cv2.INTER_AREA)
+    scale = 512 / max(img.shape[:2])  # issue 28: the painting at 512 px on its long side
+    return cv2.resize(img, (round(img.shape[1] * scale), round(img.shape[0] * scale)), interpolation=cv2.INTER_AREA)
 
 
 def _run(frames: np.ndarray, stylizer, controls: C.Controls) -> np.ndarray:
@@ -81,19 +82,21 @@ def test_style_strength_ends_are_source_and_stylized(frames, stylizer) -> None:
 
 
 def test_style_strength_is_monotonic_on_real_frames(frames, stylizer, painting) -> None:
-    """Texture moves toward the painting's (VGG Gram distance falls), the frame away from the source,
-    and the source's edges are not kept better, strictly at every step of S."""
+    """Issue 28's texture closeness (VGG-19 Gram distance to the painting, relu1_1..relu5_1, as a ratio to
+    the source's) rises strictly with S, the frame moves away from the source strictly, and the source's
+    edges are not kept better. (A pixel blend fails the first: it dips below 0 at S = 0.25.)"""
     from mpistyle.training.losses import VGG19Features
 
-    vgg = VGG19Features(("relu1_1", "relu2_1", "relu3_1"))
+    vgg = VGG19Features(("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"))
     target = _grams(painting, vgg)
-    gram, away, kept = [], [], []
+    base = [_gram_distance(f, target, vgg) for f in frames]
+    texture, away, kept = [], [], []
     for s in S_VALUES:
         out = _run(frames, stylizer, C.Controls(style_strength=s))
-        gram.append(np.mean([_gram_distance(o, target, vgg) for o in out]))
+        texture.append(np.mean([1 - _gram_distance(o, target, vgg) / d for o, d in zip(out, base, strict=True)]))
         away.append(float(np.abs(out.astype(np.float32) - frames).mean()))
         kept.append(np.mean([_structure(o, f) for o, f in zip(out, frames, strict=True)]))
-    assert all(b < a for a, b in zip(gram, gram[1:], strict=False)), gram
+    assert all(b > a for a, b in zip(texture, texture[1:], strict=False)), texture
     assert all(b > a for a, b in zip(away, away[1:], strict=False)), away
     assert all(b <= a + 1e-6 for a, b in zip(kept, kept[1:], strict=False)), kept
 
