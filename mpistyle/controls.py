@@ -198,6 +198,11 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
 
 def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`rgb_to_lab` (RGB 0..255, out-of-gamut colours clipped)."""
+    return _linear_to_srgb(_lab_to_linear(lab)) * 255.0
+
+
+def _lab_to_linear(lab: torch.Tensor) -> torch.Tensor:
+    """OpenCV-scaled CIELAB -> linear RGB 0..1, not clipped (out of gamut: below 0 or above 1)."""
     lum = lab[:, 0:1] * 100.0 / 255.0
     fy = (lum + 16.0) / 116.0
     fx = fy + (lab[:, 1:2] - 128.0) / 500.0
@@ -206,8 +211,38 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     f = torch.cat([fx, fy, fz], 1)
     t = torch.where(f > d, f ** 3, 3 * d * d * (f - 4.0 / 29.0))
     white = torch.tensor(_WHITE, device=lab.device, dtype=lab.dtype).view(1, 3, 1, 1)
-    rgb_lin = _mix(torch.linalg.inv(_RGB2XYZ.double()).float(), t * white)
-    return _linear_to_srgb(rgb_lin) * 255.0
+    return _mix(torch.linalg.inv(_RGB2XYZ.double()).float(), t * white)
+
+
+# Lightness steps toward the source's where the stylized lightness with the source's chroma is out of
+# the sRGB gamut: 8 halvings leave L within 1/256 of the range (below a level).
+GAMUT_STEPS = 8
+
+
+def _in_gamut(lab: torch.Tensor) -> torch.Tensor:
+    lin = _lab_to_linear(lab)
+    return ((lin >= -1e-3) & (lin <= 1.0 + 1e-3)).all(dim=1, keepdim=True)
+
+
+def lab_transfer(src: torch.Tensor, sty: torch.Tensor) -> torch.Tensor:
+    """The stylized L* with the source's a* b* (OpenCV-scaled CIELAB), as RGB 0..255.
+
+    Clipping an out-of-gamut colour per RGB channel would change its chroma (measured: mean |db*| 3.3 on a
+    bright style over Big Buck Bunny's saturated sky), so where the pair is out of the gamut its
+    lightness moves toward the source's (which is in gamut with that chroma) just until it fits: a
+    bisection per pixel, :data:`GAMUT_STEPS` halvings, pointwise (no reduction across pixels).
+    """
+    l_sty, l_src, chroma = sty[:, 0:1], src[:, 0:1], src[:, 1:3]
+    lo = torch.zeros_like(l_sty)
+    hi = torch.ones_like(l_sty)
+    fits = _in_gamut(torch.cat([l_sty, chroma], 1))
+    hi = torch.where(fits, lo, hi)
+    for _ in range(GAMUT_STEPS):
+        mid = (lo + hi) / 2
+        ok = _in_gamut(torch.cat([l_sty + mid * (l_src - l_sty), chroma], 1))
+        hi = torch.where(ok | fits, torch.where(fits, hi, mid), hi)
+        lo = torch.where(ok | fits, lo, mid)
+    return lab_to_rgb(torch.cat([l_sty + hi * (l_src - l_sty), chroma], 1))
 
 
 def rgb_to_yuv(rgb: torch.Tensor) -> torch.Tensor:
@@ -226,9 +261,12 @@ def yuv_to_rgb(yuv: torch.Tensor) -> torch.Tensor:
 
 def keep_colors(source: torch.Tensor, stylized: torch.Tensor, space: str = KEEP_COLORS_SPACE) -> torch.Tensor:
     """Luminance transfer (Gatys et al. 2016): the stylized frame's lightness, the source's chroma."""
-    to, back = {"lab": (rgb_to_lab, lab_to_rgb), "yuv": (rgb_to_yuv, yuv_to_rgb)}[space]
-    src, sty = to(source), to(stylized)
-    return back(torch.cat([sty[:, 0:1], src[:, 1:3]], 1))
+    if space == "lab":
+        return lab_transfer(rgb_to_lab(source), rgb_to_lab(stylized))
+    if space == "yuv":
+        src, sty = rgb_to_yuv(source), rgb_to_yuv(stylized)
+        return yuv_to_rgb(torch.cat([sty[:, 0:1], src[:, 1:3]], 1))
+    raise ValueError(f"unknown colour space {space!r}")
 
 
 # -- strength ---------------------------------------------------------------------------------------
