@@ -118,7 +118,10 @@ def test_lab_matches_opencv(frames) -> None:
     rgb = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
     lab = C.rgb_to_lab(rgb).permute(0, 2, 3, 1).numpy()
     want = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2LAB) for f in frames]).astype(np.float32)
-    assert np.abs(lab - want).max() <= 1.5
+    # OpenCV's 8-bit path is a fixed-point approximation of the same formulas: close on average, a few
+    # levels at most
+    assert np.abs(lab - want).mean() <= 0.5
+    assert np.abs(lab - want).max() <= 3.0
     back = C.lab_to_rgb(C.rgb_to_lab(rgb))
     assert (back - rgb).abs().max() <= 0.5
 
