@@ -103,15 +103,15 @@ def test_style_strength_is_monotonic_on_real_frames(frames, stylizer, painting) 
 
 def test_keep_colors_keeps_the_source_chroma(frames, stylizer) -> None:
     """OpenCV 8-bit CIELAB: mean |da*| and |db*| against the source at most 3; lightness from the style."""
+    # (A per-channel clip of the out-of-gamut colours gave |db*| 4.6 on these frames.)
     stylized = stylizer(frames)
     out = _run(frames, stylizer, C.Controls(keep_colors=True))
     for o, s, y in zip(out, frames, stylized, strict=True):
         lab_o, lab_s, lab_y = (cv2.cvtColor(x, cv2.COLOR_RGB2LAB).astype(np.float32) for x in (o, s, y))
         assert np.abs(lab_o[..., 1] - lab_s[..., 1]).mean() <= 3.0
         assert np.abs(lab_o[..., 2] - lab_s[..., 2]).mean() <= 3.0
-        assert np.abs(lab_o[..., 0] - lab_y[..., 0]).mean() <= 3.0
-        # and it did change the picture: the stylized lightness is not the source's
-        assert np.abs(lab_o[..., 0] - lab_s[..., 0]).mean() > 5.0
+        # the lightness is the style's (moved toward the source's only where that chroma cannot have it)
+        assert np.abs(lab_o[..., 0] - lab_y[..., 0]).mean() < 0.5 * np.abs(lab_o[..., 0] - lab_s[..., 0]).mean()
 
 
 def test_lab_matches_opencv(frames) -> None:
