@@ -73,6 +73,24 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _style_strength(text: str) -> float:
+    from .controls import parse_style_strength
+
+    try:
+        return parse_style_strength(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _stroke_scale(text: str) -> float | str:
+    from .controls import parse_stroke_scale
+
+    try:
+        return parse_stroke_scale(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (printed by rank 0 only), exit status 2."""
 
@@ -92,9 +110,12 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temporal", choices=("flow", "none"), default="flow",
                    help="flow: blend the flow-warped previous output where the forward-backward check trusts "
                         "the flow (default); none: plain per-frame stylization")
-    g.add_argument("--strength", type=_fraction, default=None,
+    g.add_argument("--temporal-strength", type=_fraction, default=None,
                    help="weight of the warped previous output in trusted pixels, 0..<1 (default 0.7); "
                         "higher = steadier, lower = fresher")
+    g.add_argument("--strength", type=_fraction, default=None, dest="deprecated_strength",
+                   help="deprecated alias of --temporal-strength (removed in the next release; not the style's "
+                        "strength, see --style-strength)")
     g.add_argument("--scene-cut", type=_fraction, default=None,
                    help="reset the temporal state when less than this fraction of the frame has reliable "
                         "flow (default 0.25)")
@@ -105,6 +126,17 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
                    help="lead: the fusion restarts every 64 frames at fixed frame indices, the new chain starting "
                         "this many frames early so the switch is invisible; ranks warm up from the chain start, "
                         "which makes N ranks bit-identical to 1 (default 10; 0 = a hard restart every 64 frames)")
+    g = p.add_argument_group("look (applied to every frame before temporal fusion; any model)")
+    g.add_argument("--style-strength", type=_style_strength, default=1.0, metavar="S",
+                   help="how much of the style, 0..1 (default 1): 0 returns the source, values between blend "
+                        "the stylized frame with the source, continuously")
+    g.add_argument("--keep-colors", action="store_true",
+                   help="keep the source's colours: the stylized frame's lightness with the source's chroma "
+                        "(CIELAB luminance transfer, Gatys et al. 2016)")
+    g.add_argument("--stroke-scale", type=_stroke_scale, default=1.0, metavar="K|auto",
+                   help="paint strokes K times larger: the network runs on the frame scaled by 1/K and the "
+                        "source's full-resolution detail is restored with a guided upsampling (faster too); "
+                        "auto = short side / 360, so 1080p and 4K get the strokes of 640x360 (default 1)")
     g = p.add_argument_group("size")
     g.add_argument("--width", type=_positive_int, help="output width (height follows the aspect unless given)")
     g.add_argument("--height", type=_positive_int, help="output height")
@@ -175,9 +207,17 @@ def _stylize_options(args: argparse.Namespace) -> object:
     from .temporal.chains import TemporalSettings
 
     base = TemporalSettings()
+    strength = args.temporal_strength
+    if args.deprecated_strength is not None:
+        if args.temporal_strength is not None:
+            raise MpistyleError("--strength is the deprecated name of --temporal-strength: give one of them")
+        if _rank() == 0:
+            sys.stderr.write("mpistyle: warning: --strength is deprecated and will be removed in the next release; "
+                             "use --temporal-strength (the style's own strength is --style-strength)\n")
+        strength = args.deprecated_strength
     temporal = TemporalSettings(
         mode=args.temporal,
-        strength=base.strength if args.strength is None else args.strength,
+        strength=base.strength if strength is None else strength,
         scene_cut=base.scene_cut if args.scene_cut is None else args.scene_cut,
         flow_method=args.flow,
         flow_preset=args.flow_preset or base.flow_preset,
@@ -189,7 +229,8 @@ def _stylize_options(args: argparse.Namespace) -> object:
         restart=args.restart, keep_buffer=args.keep_buffer,
         threads=args.threads, scratch=args.scratch, chunk=args.chunk, schedule=args.schedule,
         chunks=args.chunks or 0, crf=args.crf, encode=args.encode, decode=args.decode, report=args.report,
-        progress=not args.no_progress, fps=args.fps)
+        progress=not args.no_progress, fps=args.fps, style_strength=args.style_strength,
+        keep_colors=args.keep_colors, stroke_scale=args.stroke_scale)
 
 
 def cmd_stylize(args: argparse.Namespace) -> int:

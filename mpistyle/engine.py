@@ -408,6 +408,11 @@ class Stylizer:
         self._pinned[slot] = have
         return have
 
+    def forward_tensor(self, frames: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, 3) uint8 on the device -> the same on the device, synchronously (the controls' path)."""
+        with torch.inference_mode():
+            return self._forward(frames)
+
     def _forward(self, frames: torch.Tensor) -> torch.Tensor:
         """(N, H, W, 3) uint8 on the device -> (N, H, W, 3) uint8 on the device."""
         n = frames.shape[0]
@@ -432,3 +437,31 @@ class Stylizer:
                 piece = torch.cat([piece, piece[-1:].expand(b - k, *piece.shape[1:])])
             outs.append(self.compiled(piece.contiguous())[:k])
         return torch.cat(outs)
+
+
+class ControlledStylizer:
+    """A :class:`Stylizer` as the rank worker uses it, with the look controls (:mod:`mpistyle.controls`)
+    applied to its output: source frames in, the final look out, before temporal fusion (so the fusion,
+    the warm-up exports and the spool all see the final look).
+
+    The default controls pass frames straight to the stylizer (the path of earlier versions, bit for
+    bit). Otherwise the frames go to the stylizer's device once; the network (compiled or eager) runs at
+    the stroke scale's size and the controls run there too, in torch: one code path on CPU and GPU.
+    """
+
+    def __init__(self, stylizer: Stylizer, controls: Any) -> None:
+        self.stylizer = stylizer
+        self.controls = controls
+        self.device = stylizer.device
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        from .controls import apply_controls
+
+        if self.controls.identity:
+            return self.stylizer(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"expected (N,H,W,3) frames, got shape {frames.shape}")
+        with torch.inference_mode():
+            source = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
+            out = apply_controls(source, self.stylizer.forward_tensor, self.controls)
+            return out.cpu().numpy()

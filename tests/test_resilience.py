@@ -164,11 +164,11 @@ def test_changed_settings_do_not_reuse_the_buffer(tmp_path, model_args) -> None:
     args = ["stylize", str(BBB), "-o", str(out), *model_args, "--keep-buffer", "--no-progress"]
     proc = _start(args, 2)
     assert proc.wait(timeout=300) == 0
-    proc = _start([*args, "--strength", "0.5"], 2)
+    proc = _start([*args, "--temporal-strength", "0.5"], 2)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert err.strip().splitlines()[-1].startswith("mpistyle: error: buffer") and "--restart" in err
-    proc = _start([*args, "--strength", "0.5", "--restart"], 2)
+    proc = _start([*args, "--temporal-strength", "0.5", "--restart"], 2)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
 

@@ -46,6 +46,17 @@ class StylizeOptions:
     fps: Fraction | None = None  # rate of an image-sequence input (--fps; default 25)
     report: str | None = None
     progress: bool = True
+    # Look controls (mpistyle.controls), applied to the network's output before fusion.
+    style_strength: float = 1.0
+    keep_colors: bool = False
+    stroke_scale: float | str = 1.0  # a number >= 1, or "auto" (short side / 360)
+
+    def controls(self, height: int, width: int) -> Any:
+        """The :class:`~mpistyle.controls.Controls` for output frames of this size."""
+        from ..controls import Controls, resolve_stroke_scale
+
+        return Controls(style_strength=float(self.style_strength), keep_colors=bool(self.keep_colors),
+                        stroke_scale=resolve_stroke_scale(self.stroke_scale, height, width))
 
 
 @dataclass

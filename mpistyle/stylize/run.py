@@ -51,6 +51,11 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     from ..mpi import world
 
     comm = comm or world()
+    if opts.style_strength == 0.0 and opts.temporal.mode != "none":
+        # S = 0 is the source itself, which needs no steadying: the fusion's warping would only soften it
+        # (measured on sample.mp4, 2 ranks: 3.80 levels from the source against 2.50 for the source
+        # re-encoded alone). The buffer records temporal none.
+        opts = replace(opts, temporal=replace(opts.temporal, mode="none"))
     rank, size = comm.Get_rank(), comm.Get_size()
     stop = StopFlag()
     stop.install_signal_handlers()  # takes over a signal that came during start-up: the run stops at once
@@ -65,6 +70,11 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     configure_threads(threads)
 
     checked: Validated = collective(comm, lambda: validate_on_root(opts, size))
+    # The look controls (mpistyle.controls): the network runs at the stroke scale's size.
+    from ..controls import network_size
+
+    controls = opts.controls(checked.height, checked.width)
+    net_h, net_w = network_size(checked.height, checked.width, controls.stroke_scale)
 
     def load() -> Any:
         import torch
@@ -78,7 +88,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
         stylizer = Stylizer(model, device=torch.device(device), precision=opts.precision)
         # --batch auto: from the device's free memory, shared by the ranks bound to the same GPU
         sharing = -(-local_size // max(1, torch.cuda.device_count())) if device.startswith("cuda") else 1
-        batch = stylizer.resolve_batch(opts.batch or "auto", checked.height, checked.width, ranks_per_device=sharing)
+        batch = stylizer.resolve_batch(opts.batch or "auto", net_h, net_w, ranks_per_device=sharing)
         return stylizer, device, dtype, batch
 
     stylizer, device, dtype, batch = collective(comm, load, root_only=False)
@@ -91,8 +101,8 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
 
         if rank == 0:
             logger.info("preparing the compiled network for %dx%d frames (compiled once per frame size and "
-                        "machine, then read from the cache)", checked.width, checked.height)
-        compile_job = start_compile(comm, stylizer, (batch, checked.height, checked.width, 3))
+                        "machine, then read from the cache)", net_w, net_h)
+        compile_job = start_compile(comm, stylizer, (batch, net_h, net_w, 3))
     precision_name = str(dtype).replace("torch.", "") if dtype is not None else "float32"
     device_type = device.split(":")[0]
     segmented = uses_segments(opts.output, size, opts.encode)  # validated on rank 0 above
@@ -182,6 +192,8 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
         if rank == 0:
             logger.info(run_summary(setup.n_frames, plan.n_todo, setup.width, setup.height, size,
                                     checked.model_path, device, precision_name, network, reused))
+            if not controls.identity:
+                logger.info("look: %s (network at %dx%d)", controls.describe(), net_w, net_h)
             # The details, for -v: the numeric recipe, why it was (not) compiled, the threads.
             logger.debug("network %s (%s); %d thread(s) per rank", network, network_why, threads)
         collective(comm, index_on_root)  # before any rank reads stored frames from it
@@ -224,7 +236,11 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
         if rank == 0:
             logger.info("phase: compute")
         # Flow pool: on a GPU node the rank's cores are free for flow; on CPU ranks the network has them.
-        worker = RankWorker(comm, rp, plan, setup, stylizer, opts.temporal, spool, msgr, store, batch, state_frames,
+        from ..engine import ControlledStylizer
+
+        # The controls act on the network's output, before fusion: the worker sees the final look.
+        looks = ControlledStylizer(stylizer, controls)
+        worker = RankWorker(comm, rp, plan, setup, looks, opts.temporal, spool, msgr, store, batch, state_frames,
                             t0=t_work, flow_workers=threads if device_type == "cuda" else 1, outputs=outputs)
         worker.counts["source_frames_ready_at_start"] = source_ready
         if sink is not None:
@@ -251,6 +267,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     if report:  # rank 0
         report["network"] = {"path": network, "why": network_why, **compile_info}
         report["outputs_inherited"] = sum(r["trace"].get("outputs_inherited", 0) for r in report["per_rank"])
+        report["controls"] = {**controls.settings(), "network_size": [net_w, net_h]}
     logger.debug("rank %d: work ended: %s", rank, outcome)
     return report
 

@@ -103,7 +103,11 @@ def choose_network(opts: StylizeOptions, checked: Validated, stylizer: Any) -> t
     if not opts.restart and os.path.isfile(buffer_path):
         name = stored_network(buffer_path)
         stored = None if name is None else name.startswith("compiled/")
-    on, why = decide(opts.compile, stylizer.device, checked.info.n_frames, checked.height, checked.width,
+    from ..controls import network_size
+
+    k = opts.controls(checked.height, checked.width).stroke_scale
+    net_h, net_w = network_size(checked.height, checked.width, k)
+    on, why = decide(opts.compile, stylizer.device, checked.info.n_frames, net_h, net_w,
                      fixed_threads(opts.threads), stored=stored, transformer=is_transformer(stylizer),
                      figures=read_figures(stylizer.device.type) if opts.compile == "auto" else None)
     return ("compiled/" if on else "") + stylizer.recipe.describe(), why
@@ -125,6 +129,8 @@ def stored_network(buffer_path: str) -> str | None:
 
 def open_buffer_on_root(opts: StylizeOptions, checked: Validated, precision_name: str, device_type: str,
                         n_ranks: int = 1, network: str | None = None) -> Setup:
+    """Open or resume the buffer; its settings record everything the frames depend on (a resume with any
+    other setting, the look controls included, is refused in one line by :meth:`FrameBuffer.open`)."""
     from ..buffer import FrameBuffer, check_free_space, resolve_layout
     from ..rawbuffer import scan_raw
 
@@ -145,6 +151,8 @@ def open_buffer_on_root(opts: StylizeOptions, checked: Validated, precision_name
         "network": network,  # the numeric path (compiled or eager recipe): a resume must take the same
         "device_type": device_type,
         "mpistyle": __version__,
+        # style_strength, keep_colors, stroke_scale (resolved: auto is a number for this frame size)
+        **opts.controls(height, width).settings(),
     }
     fresh = opts.restart or not os.path.exists(buffer_path)
     if fresh:  # before anything is created: a disk too small fails at once and leaves nothing behind
