@@ -31,11 +31,11 @@ STYLES_DIR = Path(__file__).resolve().parent / "styles"  # the paintings of the 
 DEFAULT_MODEL = "starry-night"
 # One line each on what a bundled style looks like (``mpistyle models``).
 DESCRIPTIONS = {
-    "starry-night": "The Starry Night (van Gogh, 1889): a deep blue-green night palette with fine swirling "
-                    "brush texture; the picture stays readable",
-    "great-wave": "The Great Wave off Kanagawa (Hokusai, c. 1831): a muted woodblock palette of slate blue, "
-                  "grey and cream with soft line work; the lightest touch of the three",
-    "udnie": "Udnie (Picabia, 1913): cubist facets in warm greys, ochre and blue",
+    "starry-night": "The Starry Night (van Gogh, 1889): swirling blue and yellow brush strokes over the whole "
+                    "frame, the painting's night-blue palette; the subject stays readable",
+    "great-wave": "The Great Wave off Kanagawa (Hokusai, c. 1831): the print's cream, slate blue and ink, with "
+                  "foam-like curls and woodblock line work",
+    "udnie": "Udnie (Picabia, 1913): cubist facets in warm greys, cream, ochre and blue",
 }
 # Name of the extra record that save_model() adds inside torch's zip archive. torch.load ignores
 # records it does not reference, so the file stays a plain state dict for every other tool.
