@@ -127,3 +127,21 @@ def test_write_plots_uses_report_data_or_computes_it(tmp_path, monkeypatch) -> N
 def test_plot_into_missing_directory_is_one_line(tmp_path) -> None:
     with pytest.raises(MpistyleError, match="does not exist"):
         report.plot_warping_error([0.1, 0.2], [], str(tmp_path / "nope" / "x.png"))
+
+
+def test_progress_lines_follow_the_network_while_commits_lag(caplog, monkeypatch) -> None:
+    """A plain progress line (no terminal) gives a finite ETA from the network's frames while no frame is
+    committed yet (commits wait for a fusion chain's warm-up), and from the commits once they lead."""
+    import logging
+
+    from mpistyle.stylize import gather
+
+    clock = iter([0.0, 10.0, 20.0, 30.0])
+    monkeypatch.setattr(gather.time, "monotonic", lambda: next(clock))
+    r = gather.ProgressReporter(80, 0, True, every_s=5.0)
+    with caplog.at_level(logging.INFO, logger="mpistyle.stylize.gather"):
+        r.update(network=20, committed=0)  # t=10: 20 frames stylized in 10 s, 60 to go at 2 frames/s
+        r.update(network=40, committed=60)  # t=20: 60 committed in 20 s, 20 to go at 3 frames/s
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert lines[0].endswith("0/80 frames committed (0%), 2.00 frames/s, ETA 30 s"), lines
+    assert lines[1].endswith("60/80 frames committed (75%), 3.00 frames/s, ETA 7 s"), lines

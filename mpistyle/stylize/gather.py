@@ -197,11 +197,14 @@ class ProgressReporter:
             return
         now = time.monotonic()
         if now - self.last_line >= self.every_s or done == self.total:
-            rate = committed / max(now - self.start, 1e-9)
-            eta = (self.total - done) / rate if rate > 0 else float("inf")
+            # The rate and ETA follow whichever is further, commits or the network: commits can lag the
+            # network for a whole fusion chain (its warm-up), and an ETA of "inf" then says nothing.
+            progress = max(committed, min(network, self.n_todo))
+            rate = progress / max(now - self.start, 1e-9)
+            eta = (self.n_todo - progress) / rate if rate > 0 else float("inf")
             logger.info("stylized %d/%d frames of this run, %d/%d frames committed (%.0f%%), %.2f frames/s, "
-                        "ETA %.0f s", min(network, self.n_todo), self.n_todo, done, self.total,
-                        100.0 * done / max(self.total, 1), rate, eta)
+                        "ETA %s", min(network, self.n_todo), self.n_todo, done, self.total,
+                        100.0 * done / max(self.total, 1), rate, "unknown" if rate == 0 else f"{eta:.0f} s")
             self.last_line = now
 
     def close(self) -> None:
