@@ -210,10 +210,10 @@ class FrameBuffer:
                 f.attrs["width"] = self.width
             os.replace(tmp, self.path)
         except OSError as exc:
-            _unlink(tmp)
+            unlink_if_present(tmp)
             raise _disk_error(exc, self.path) from None
         except BaseException:
-            _unlink(tmp)
+            unlink_if_present(tmp)
             raise
 
     def read(self, index: int) -> np.ndarray:
@@ -275,13 +275,13 @@ def _create_single_file(path: str, n_frames: int, height: int, width: int, setti
             f.attrs["n_frames"] = n_frames
             f.attrs["height"] = height
             f.attrs["width"] = width
-        _reserve(tmp)
+        reserve_blocks(tmp)
         os.replace(tmp, path)
     except OSError as exc:
-        _unlink(tmp)
+        unlink_if_present(tmp)
         raise _disk_error(exc, path) from None
     except BaseException:
-        _unlink(tmp)
+        unlink_if_present(tmp)
         raise
 
 
@@ -358,7 +358,7 @@ def remove_buffer(path: str) -> None:
     """Delete a buffer: its main file, its parts and its stored network outputs (``rawbuffer``)."""
     from .rawbuffer import raw_dir
 
-    _unlink(path)
+    unlink_if_present(path)
     shutil.rmtree(parts_dir(path), ignore_errors=True)
     shutil.rmtree(raw_dir(path), ignore_errors=True)
 
@@ -522,7 +522,7 @@ class PartWriter(_FrameWriter):
             f.close()
         except (OSError, KeyError):
             pass
-        _unlink(self.path)  # not ours or damaged: make it anew
+        unlink_if_present(self.path)  # not ours or damaged: make it anew
         return self._create(height, width, digest)
 
     def _create(self, height: int, width: int, digest: str) -> h5py.File:
@@ -540,14 +540,14 @@ class PartWriter(_FrameWriter):
                 f.attrs["settings_digest"] = digest
                 f.attrs["first"] = self.first
                 f.attrs["stop"] = self.stop
-            _reserve(tmp)
+            reserve_blocks(tmp)
             os.replace(tmp, self.path)
             return h5py.File(self.path, "r+", locking=False)
         except OSError as exc:
-            _unlink(tmp)
+            unlink_if_present(tmp)
             raise _disk_error(exc, self.buffer_path) from None
         except BaseException:
-            _unlink(tmp)
+            unlink_if_present(tmp)
             raise
 
     def _sync(self) -> None:
@@ -559,7 +559,7 @@ class PartWriter(_FrameWriter):
             self._f.close()
 
 
-def _reserve(path: str) -> None:
+def reserve_blocks(path: str) -> None:
     """Make sure the whole file has real blocks behind it (ENOSPC now, not mid-run)."""
     fd = os.open(path, os.O_RDWR)
     try:
@@ -574,7 +574,7 @@ def _reserve(path: str) -> None:
         os.close(fd)
 
 
-def _unlink(path: str) -> None:
+def unlink_if_present(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:

@@ -26,7 +26,6 @@ generation of files at a time, so the disk stays bounded however often a job is 
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
@@ -36,6 +35,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import h5py
 import numpy as np
 
+from .buffer import reserve_blocks, unlink_if_present
 from .errors import MpistyleError, write_failure
 
 logger = logging.getLogger(__name__)
@@ -74,11 +74,11 @@ class RawFile:
                 f.create_dataset("index", data=np.full(slots, -1, dtype=np.int64))
                 f.attrs["format_version"] = FORMAT_VERSION
                 f.attrs["settings_digest"] = digest
-            _reserve(tmp)
+            reserve_blocks(tmp)
             os.replace(tmp, self.path)
             self._f = h5py.File(self.path, "r+", locking=False)
         except OSError as exc:
-            _unlink(tmp)
+            unlink_if_present(tmp)
             raise _disk_error(exc, buffer_path) from None
         self._frames, self._index = self._f["frames"], self._f["index"]
 
@@ -110,7 +110,7 @@ class RawFile:
         if self._f.id.valid:
             self._f.close()
         if remove:
-            _unlink(self.path)
+            unlink_if_present(self.path)
 
 
 def scan_raw(buffer_path: str, digest: str, shape: tuple[int, int, int],
@@ -165,25 +165,8 @@ def remove_raw_except(buffer_path: str, keep: Iterable[str]) -> int:
     removed = 0
     for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
         if name not in keep:
-            _unlink(os.path.join(directory, name))
+            unlink_if_present(os.path.join(directory, name))
             removed += 1
     return removed
 
 
-def _reserve(path: str) -> None:
-    """Real blocks behind the whole file now (ENOSPC at creation, not mid-run)."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
