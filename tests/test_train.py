@@ -20,6 +20,7 @@ from mpistyle.errors import MpistyleError
 from mpistyle.models import model_info
 from mpistyle.nets import TransformerNet
 from mpistyle.training.content import build_crop_pool, crops_from_pool, pool_side
+from mpistyle.training.recipe import DEFAULTS
 from mpistyle.training.train import (
     Comm,
     TrainConfig,
@@ -117,7 +118,8 @@ def test_saved_model_is_a_plain_fast_neural_style_state_dict(images, tmp_path):
     net.load_state_dict(torch.load(out, weights_only=True))  # strict, as other tools load it
     info = model_info(str(out))
     assert info["style"] == "style.png" and info["steps"] == 2
-    assert info["settings"]["size"] == 32 and info["settings"]["style_weight"] == 1.0
+    assert info["settings"]["size"] == 32 and info["settings"]["style_weight"] == DEFAULTS["style_weight"]
+    assert info["settings"]["palette_weight"] == DEFAULTS["palette_weight"]
     assert "mpistyle_version" in info
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
@@ -312,7 +314,9 @@ def test_two_mpi_ranks_follow_the_one_rank_curve(images, tmp_path):
     assert len(one) == len(two) == 3
     for a, b in zip(one, two, strict=True):
         for key in ("content", "style", "total"):
-            assert b[key] == pytest.approx(a[key], rel=2e-5)
+            # float32 sums in another order per batch split; the style part now holds the palette loss too
+            # (about 1.6e6 here), which a different split moves by up to 2e-5 of itself.
+            assert b[key] == pytest.approx(a[key], rel=1e-4)
         assert b["tv"] == pytest.approx(a["tv"], rel=1e-3)  # a tiny part: Adam moves small gradients by lr
 
 
