@@ -19,6 +19,7 @@ import torch
 from mpistyle.errors import MpistyleError
 from mpistyle.models import model_info
 from mpistyle.nets import TransformerNet
+from mpistyle.training import scores
 from mpistyle.training.content import build_crop_pool, crops_from_pool, pool_side
 from mpistyle.training.recipe import DEFAULTS
 from mpistyle.training.train import (
@@ -475,9 +476,12 @@ def test_score_on_keeps_the_best_checkpoint(images, tmp_path, caplog):
                       score_size=48, grid_weight=1.0, vgg_pool="avg", compile="off"))
     tr.run()
     assert [int(r["step"]) for r in tr.scores] == [2, 4]
-    assert set(tr.scores[0]) >= {"structure", "grid", "psnr", "style_loss", "shortfall"}
+    assert set(tr.scores[0]) >= {"texture", "palette", "structure", "grid", "shortfall"}
     best = model_info(str(tmp_path / "m.best.pth"))
     assert best["scores"]["step"] == tr.best["step"]
+    # The kept checkpoint is the one the selection rule prefers over the other.
+    other = next(r for r in tr.scores if r["step"] != tr.best["step"])
+    assert scores.better(tr.best, other) and not scores.better(other, tr.best)
     assert any("held-out scores" in r.getMessage() for r in caplog.records)
     info = model_info(str(out))
     assert info["settings"]["grid_weight"] == 1.0 and info["settings"]["vgg_pool"] == "avg"
