@@ -85,18 +85,27 @@ def figures_path(device_type: str = "cpu") -> str:
     return os.path.join(cache_dir(), f"figures-{key_digest(key)[:16]}.json")
 
 
+def read_recorded(path: str, keys: tuple[str, ...], what: str) -> dict[str, float] | None:
+    """The positive figures ``keys`` of a JSON record (stylize's or train's); None where there is no record,
+    or, with one warning line, an unreadable one."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            record = json.load(fh)
+        return {k: float(record[k]) for k in keys
+                if isinstance(record.get(k), (int, float)) and 0 < float(record[k]) < 1e6}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        logger.warning("ignoring the recorded %s %s: %s", what, path, _first_line(exc))
+        return None
+
+
 def read_figures(device_type: str = "cpu") -> Figures:
     """The recorded figures, the first guesses where none are (or the record is unreadable). Rank 0 reads
     them and decides for the job, so every rank follows rank 0's figures."""
-    try:
-        with open(figures_path(device_type), encoding="utf-8") as fh:
-            record = json.load(fh)
-        values = {k: float(record[k]) for k in ("compile_cold_s", "compile_warm_s", "saving_s_per_mpixel")
-                  if isinstance(record.get(k), (int, float)) and 0 < float(record[k]) < 1e6}
-    except FileNotFoundError:
-        return Figures()
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
-        logger.warning("ignoring the recorded compile figures %s: %s", figures_path(device_type), _first_line(exc))
+    values = read_recorded(figures_path(device_type), ("compile_cold_s", "compile_warm_s", "saving_s_per_mpixel"),
+                           "compile figures")
+    if values is None:
         return Figures()
     return Figures(**values, measured=tuple(sorted(values)))
 

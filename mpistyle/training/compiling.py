@@ -59,17 +59,10 @@ def figures_path(key: dict[str, Any]) -> str:
 
 
 def read_figures(key: dict[str, Any]) -> TrainFigures:
-    try:
-        with open(figures_path(key), encoding="utf-8") as fh:
-            record = json.load(fh)
-        values = {k: float(record[k]) for k in ("compile_s", "eager_image_s", "compiled_image_s")
-                  if isinstance(record.get(k), (int, float)) and 0 < float(record[k]) < 1e6}
-    except FileNotFoundError:
-        return TrainFigures()
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
-        logger.warning("ignoring the recorded training figures %s: %s", figures_path(key), exc)
-        return TrainFigures()
-    return TrainFigures(**values)
+    from mpistyle.compiled import read_recorded
+
+    values = read_recorded(figures_path(key), ("compile_s", "eager_image_s", "compiled_image_s"), "training figures")
+    return TrainFigures() if values is None else TrainFigures(**values)
 
 
 def record_figures(key: dict[str, Any], **measured: float | None) -> None:
