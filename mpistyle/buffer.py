@@ -70,6 +70,11 @@ def parts_dir(path: str) -> str:
     return f"{path}.parts"
 
 
+def raw_dir(path: str) -> str:
+    """Folder of a buffer's raw-output files (``rawbuffer.py``), beside the main file (same file system)."""
+    return f"{path}.raw"
+
+
 def part_name(first: int, stop: int) -> str:
     return f"frames-{first:09d}-{stop:09d}.h5"
 
@@ -356,8 +361,6 @@ class MpioWriter(_FrameWriter):
 
 def remove_buffer(path: str) -> None:
     """Delete a buffer: its main file, its parts and its stored network outputs (``rawbuffer``)."""
-    from .rawbuffer import raw_dir
-
     unlink_if_present(path)
     shutil.rmtree(parts_dir(path), ignore_errors=True)
     shutil.rmtree(raw_dir(path), ignore_errors=True)

@@ -35,18 +35,13 @@ from collections.abc import Iterable, Iterator, Sequence
 import h5py
 import numpy as np
 
-from .buffer import reserve_blocks, unlink_if_present
+from .buffer import raw_dir, reserve_blocks, unlink_if_present
 from .errors import MpistyleError, write_failure
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _RAW = re.compile(r"^raw-\d+-[0-9a-f]+\.h5$")
-
-
-def raw_dir(path: str) -> str:
-    """Folder of a buffer's raw-output files, beside the main file (same file system)."""
-    return f"{path}.raw"
 
 
 def _disk_error(exc: OSError, path: str) -> MpistyleError:
