@@ -33,8 +33,9 @@ from mpistyle.temporal.flow import FLOW_METHODS, FlowEstimator, certainty_mask, 
 
 logger = logging.getLogger(__name__)
 
-# DIS preset of the metric: fixed, so figures compare across runs and settings, and more accurate
-# than the fusion's default ("fast"), so the fuser is not graded with its own flow.
+# DIS preset of the metric: fixed, so figures compare across runs and settings (issue 30 defines it). Since 0.5 the
+# fusion's default preset is the same, so the fuser is graded with a flow like its own: measure it also with
+# ``flow_method="farneback"`` (``mpistyle evaluate --flow farneback``), an independent flow, as docs/flicker.md does.
 METRIC_DIS_PRESET = "medium"
 
 

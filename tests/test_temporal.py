@@ -159,7 +159,7 @@ def test_settings_validation():
             TemporalSettings(**bad)
     TemporalSettings(flow_method="farneback", flow_preset="ignored-for-farneback")
     assert dataclasses.asdict(TemporalSettings()) == {"mode": "flow", "strength": 0.7, "scene_cut": 0.25,
-                                                      "flow_method": "dis", "flow_preset": "fast"}
+                                                      "flow_method": "dis", "flow_preset": "medium"}
 
 
 def test_size_mismatch_is_a_user_error(bbb, carphone):

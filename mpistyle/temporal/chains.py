@@ -31,9 +31,10 @@ its own random colour gain 0.85-1.15, offset +-12 and Gaussian noise sigma 8), w
   strength 0.5/0.6/0.7/0.8/0.9 while PSNR to the clean frames peaks at 0.7 (28.6, 29.1, 29.3,
   28.9, 27.6 dB; 24.7 dB unfused); carphone agrees (-87 %, 28.5 dB at 0.7). Above 0.8 the output
   lags/ghosts more than it gains; a wrong state decays to 1 % in 13 frames (0.7**13).
-* ``flow_preset`` "fast": beats "ultrafast" clearly (-90 % vs -81 % warping error on bbb at 0.7)
-  and equals "medium" on bbb (-89 %) while beating it on the small carphone clip (-87 % vs -73 %),
-  at a fifth of medium's cost.
+* ``flow_preset`` "medium" (0.5; :data:`~mpistyle.temporal.flow.DEFAULT_DIS_PRESET`): with the stand-in above,
+  "fast" beat "ultrafast" clearly (-90 % vs -81 % warping error on bbb at 0.7) and equalled "medium" on bbb,
+  but with the 0.5 styles on held-out fast motion "medium" leaves less of the flicker real stylization adds
+  (issue 30, docs/flicker.md), at about 3x fast's flow time.
 * ``scene_cut`` 0.25: consecutive frames of the clips have confidence >= 0.76 with DIS fast (mean
   0.86-0.93; >= 0.55 with ultrafast/medium on the 128x72 clip), frames across a cut (bbb vs
   carphone) <= 0.10 (<= 0.14 with issue 30's un-eroded mask; consecutive bbb frames >= 0.93), and
@@ -49,7 +50,15 @@ import numpy as np
 
 from mpistyle.errors import MpistyleError
 from mpistyle.partition import Anchors
-from mpistyle.temporal.flow import DIS_PRESETS, FLOW_METHODS, FlowEstimator, PairFlow, pair_flow, to_gray
+from mpistyle.temporal.flow import (
+    DEFAULT_DIS_PRESET,
+    DIS_PRESETS,
+    FLOW_METHODS,
+    FlowEstimator,
+    PairFlow,
+    pair_flow,
+    to_gray,
+)
 from mpistyle.temporal.kernels import FusionBackend, NumpyFusion
 
 logger = logging.getLogger(__name__)
@@ -65,7 +74,7 @@ class TemporalSettings:
     strength: float = 0.7  # weight of the warped previous output where the mask trusts the flow
     scene_cut: float = 0.25  # confidence below this resets the state (fresh stylization)
     flow_method: str = "dis"
-    flow_preset: str = "fast"
+    flow_preset: str = DEFAULT_DIS_PRESET
 
     def __post_init__(self) -> None:
         if self.mode not in TEMPORAL_MODES:

@@ -28,7 +28,7 @@ from types import TracebackType
 import cv2
 import numpy as np
 
-from mpistyle.temporal.flow import MASK_MIN_FILTER, FlowEstimator, PairFlow, pair_flow, to_gray
+from mpistyle.temporal.flow import DEFAULT_DIS_PRESET, MASK_MIN_FILTER, FlowEstimator, PairFlow, pair_flow, to_gray
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ class FlowPool:
     is raised by the ``get`` of that pair, in the consumer's thread.
     """
 
-    def __init__(self, workers: int = 1, lookahead: int | None = None, method: str = "dis", preset: str = "fast",
-                 min_filter: int = MASK_MIN_FILTER, motion_boundaries: bool = True,
+    def __init__(self, workers: int = 1, lookahead: int | None = None, method: str = "dis",
+                 preset: str = DEFAULT_DIS_PRESET, min_filter: int = MASK_MIN_FILTER, motion_boundaries: bool = True,
                  on_pair: Callable[[float], None] | None = None) -> None:
         if workers < 1:
             raise ValueError(f"a flow pool needs at least one worker, got {workers}")
@@ -194,7 +194,7 @@ class FlowPool:
 
 
 def measure_pairs_per_s(frames: list[np.ndarray], workers: int, pairs: int | None = None, method: str = "dis",
-                        preset: str = "fast") -> dict[str, float]:
+                        preset: str = DEFAULT_DIS_PRESET) -> dict[str, float]:
     """Pair flows per second with a pool of ``workers`` on consecutive pairs of ``frames`` (after a warm-up).
 
     ``pairs`` defaults to the available consecutive pairs; frames are reused cyclically when more are asked for.
