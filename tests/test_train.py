@@ -340,6 +340,7 @@ def test_signal_saves_a_checkpoint_and_exits_75_then_resume_finishes(images, tmp
     base = [mpistyle, "train", "--style", images["style"], "--content", images["c0"], images["c1"],
             "-o", str(out),
             "--size", "32", "--batch-size", "2", "--steps", "400", "--style-size", "32", "--seed", "3",
+            "--compile", "off",  # the stop is the subject: 400 steps would compile the loss (--compile auto), 90 s
             "--threads", "1", "--log-every", "1", "--checkpoint-every", "0"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([_mpiexec(), "-n", "2", *base], cwd=ROOT, env={**env, "MPISTYLE_PAUSE_AT": "train"},
