@@ -84,16 +84,21 @@ def mpi_size_from_env() -> int:
     return 1
 
 
+def find_tool(name: str) -> str | None:
+    """A console script of this Python environment (mpiexec from the mpich wheel, mpistyle), else from PATH."""
+    local = os.path.join(os.path.dirname(sys.executable), name)
+    if os.access(local, os.X_OK):
+        return local
+    return shutil.which(name)
+
+
 def find_mpiexec(explicit: str | None) -> str:
     if explicit:
         found = shutil.which(explicit)
         if not found:
             raise MpistyleError(f"mpiexec not found: {explicit}")
         return found
-    local = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    if os.access(local, os.X_OK):
-        return local
-    found = shutil.which("mpiexec")
+    found = find_tool("mpiexec")
     if not found:
         raise MpistyleError("mpiexec not found: install an MPI (pip install mpich) or pass --mpiexec PATH")
     return found
