@@ -6,9 +6,9 @@ CPU has native bf16, else fp32).
 Big Buck Bunny picks the checkpoints, so a second clip that no choice was made on (carphone, held out of
 training since 0.5) is held to the structure and grid bars too. Its texture is held to
 :data:`SECOND_CLIP_TEXTURE`, below issue 28's 0.45: starry-night (0.48) and great-wave (0.50) meet 0.45
-there, udnie (0.30) not yet, so issue 28 stays open for it; the 0.4 styles scored 0.09-0.29, so the bar
-still fails a muted style. The palette is a ratio to the source's own distance from the painting, which
-is unstable on that clip's colours, so it is held on Big Buck Bunny only.
+there, udnie (0.35 since its 2026-12-07 stage; 0.30 before) not yet, so issue 28 stays open for it; the 0.4
+styles scored 0.09-0.29, so the bar still fails a muted style. The palette is a ratio to the source's own
+distance from the painting, which is unstable on that clip's colours, so it is held on Big Buck Bunny only.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .conftest import DATA
 STYLES = ("starry-night", "great-wave", "udnie")
 CLIPS = {"bbb": DATA / "bbb_640x272.mp4", "carphone": DATA / "carphone_clip.mp4"}
 HELD_ON = {"bbb": ("texture", "palette", "structure", "grid"), "carphone": ("structure", "grid")}
-SECOND_CLIP_TEXTURE = 0.25
+SECOND_CLIP_TEXTURE = 0.30
 
 
 @pytest.fixture(scope="module")
