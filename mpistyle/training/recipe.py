@@ -289,7 +289,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score-frames", type=int, default=d["score_frames"],
                         help="frames scored, spread over the video (default %(default)s)")
     parser.add_argument("--score-size", type=int, default=d["score_size"],
-                        help="short side of scored frames, as `mpistyle quality --size` (default %(default)s)")
+                        help="short side of scored frames (default %(default)s; `mpistyle quality` scores at 180)")
     parser.add_argument("--best", default=None, metavar="PATH", help="best model file (default OUTPUT.best.pth)")
     parser.add_argument(
         "--no-channels-last",
