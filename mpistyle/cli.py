@@ -122,6 +122,10 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--flow", choices=("dis", "farneback"), default="dis", help="optical flow method (default dis)")
     g.add_argument("--flow-preset", choices=("ultrafast", "fast", "medium"), default=None,
                    help="DIS preset of the fusion's flow (default medium; fast: about 3x less flow time)")
+    g.add_argument("--fusion-texture", choices=("keep", "blend"), default="keep",
+                   help="keep: the fused frame keeps the per-frame stylization's detail energy and the previous "
+                        "output is warped bicubically, so the style's strokes stay as strong as without fusion; "
+                        "blend: 0.4's plain average, which fades them (default keep)")
     g.add_argument("--halo", type=_nonneg_int, default=10,
                    help="lead: the fusion restarts every 64 frames at fixed frame indices, the new chain starting "
                         "this many frames early so the switch is invisible; ranks warm up from the chain start, "
@@ -221,6 +225,7 @@ def _stylize_options(args: argparse.Namespace) -> object:
         scene_cut=base.scene_cut if args.scene_cut is None else args.scene_cut,
         flow_method=args.flow,
         flow_preset=args.flow_preset or base.flow_preset,
+        texture=args.fusion_texture,
     )
     return StylizeOptions(
         input=args.input, output=args.output, model=args.model, temporal=temporal, halo=args.halo,

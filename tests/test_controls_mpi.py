@@ -78,6 +78,7 @@ def test_keep_colors_chroma_bound_after_fusion(runs) -> None:
     (["--style-strength", "0.75", "--keep-colors", "--stroke-scale", "2"], "style_strength"),
     (["--style-strength", "0.5", "--stroke-scale", "2"], "keep_colors"),
     (["--style-strength", "0.5", "--keep-colors", "--stroke-scale", "auto"], "stroke_scale"),  # auto: 1 at 128x72
+    ([*FLAGS, "--fusion-texture", "blend"], "fusion_texture"),  # the fusion, like the look, is recorded
 ])
 def test_resume_with_other_choices_is_refused(runs, model_args, flags, key) -> None:
     proc = run_mpistyle(["stylize", str(BBB), "-o", str(runs[1]["video"]), *model_args, *flags, "--keep-buffer",

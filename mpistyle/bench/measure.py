@@ -228,9 +228,12 @@ def measure_fusion(video: str, device: str, frames: int = 8, repeat: int = 3) ->
     import torch
 
     from ..mpi import select_device
+    from ..temporal.chains import TemporalSettings
     from ..temporal.flow import FlowEstimator, pair_flow, to_gray
     from ..temporal.kernels import NumpyFusion
     from ..temporal.kernels_torch import TorchFusion
+
+    settings = TemporalSettings()  # the default fusion: bicubic warp, detail kept
 
     clip = _first_frames(video, frames)
     est = FlowEstimator()
@@ -246,7 +249,8 @@ def measure_fusion(video: str, device: str, frames: int = 8, repeat: int = 3) ->
             start = time.perf_counter()
             for t, pair in enumerate(pairs, start=1):
                 p = backend.upload_pair(pair)
-                backend.fuse(sty[t], backend.warp(sty[t - 1], p.flow_back), p.mask, 0.7)
+                warped = backend.warp(sty[t - 1], p.flow_back, settings.warp_interpolation)
+                backend.fuse(sty[t], warped, p.mask, settings.strength, settings.keep_detail)
             sync(dev)
             best = min(best, (time.perf_counter() - start) / len(pairs))
         out[f"{name}_ms"] = best * 1e3

@@ -146,6 +146,7 @@ def open_buffer_on_root(opts: StylizeOptions, checked: Validated, precision_name
         "strength": t.strength if t.mode != "none" else None,
         "scene_cut": t.scene_cut if t.mode != "none" else None,
         "flow": f"{t.flow_method}/{t.flow_preset}" if t.mode != "none" else None,
+        "fusion_texture": t.texture if t.mode != "none" else None,
         "halo": opts.halo if t.mode != "none" else None,
         "precision": precision_name,
         "network": network,  # the numeric path (compiled or eager recipe): a resume must take the same

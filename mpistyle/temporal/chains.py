@@ -64,6 +64,10 @@ from mpistyle.temporal.kernels import FusionBackend, NumpyFusion
 logger = logging.getLogger(__name__)
 
 TEMPORAL_MODES = ("flow", "none")
+# How the fused frame keeps the style's texture (:mod:`mpistyle.temporal.kernels`): "keep" (since 0.5) carries
+# the state with a bicubic warp and keeps the fresh stylization's local detail energy; "blend" is 0.4's plain
+# average with a bilinear warp, which fades the strokes (docs/styles.md).
+FUSION_TEXTURES = ("keep", "blend")
 
 
 @dataclass(frozen=True)
@@ -75,10 +79,14 @@ class TemporalSettings:
     scene_cut: float = 0.25  # confidence below this resets the state (fresh stylization)
     flow_method: str = "dis"
     flow_preset: str = DEFAULT_DIS_PRESET
+    texture: str = "keep"  # "keep": bicubic warp, detail energy kept; "blend": 0.4's plain average
 
     def __post_init__(self) -> None:
         if self.mode not in TEMPORAL_MODES:
             raise MpistyleError(f"unknown temporal mode {self.mode!r} (choose from {', '.join(TEMPORAL_MODES)})")
+        if self.texture not in FUSION_TEXTURES:
+            raise MpistyleError(
+                f"unknown fusion texture {self.texture!r} (choose from {', '.join(FUSION_TEXTURES)})")
         if not 0.0 <= self.strength < 1.0:
             raise MpistyleError(f"temporal strength must be in [0, 1), got {self.strength}")
         if not 0.0 <= self.scene_cut <= 1.0:
@@ -90,8 +98,21 @@ class TemporalSettings:
             raise MpistyleError(
                 f"unknown DIS preset {self.flow_preset!r} (choose from {', '.join(DIS_PRESETS)})")
 
+    @property
+    def warp_interpolation(self) -> str:
+        """How the state is warped: ``cubic`` when the texture is kept, else ``linear``."""
+        return "cubic" if self.texture == "keep" else "linear"
+
+    @property
+    def keep_detail(self) -> bool:
+        return self.texture == "keep"
+
     def halo_frames(self, tolerance: float = 0.01) -> int:
-        """Frames of warm-up after which a wrong initial state weighs below ``tolerance``."""
+        """Frames of warm-up after which a wrong initial state weighs below ``tolerance`` in the blend.
+
+        With the detail kept, the fine detail of a wrong state decays more slowly (by at most 0.9 a frame;
+        measured on real clips, about 0.76), which is why the anchors' lead is measured, not derived.
+        """
         if self.mode == "none" or self.strength == 0.0:
             return 0
         return int(np.ceil(np.log(tolerance) / np.log(self.strength)))
@@ -229,10 +250,9 @@ class TemporalFuser:
                 self._next_output = None  # both chains restart: they are the same from here
             else:
                 p = b.upload_pair(pair)
-                out_b = b.fuse(stylized_b(), b.warp(self._prev_output, p.flow_back), p.mask, self.settings.strength)
+                out_b = self._fuse(stylized_b(), self._prev_output, p)
                 if self._next_output is not None:  # same flow, same rule: the young chain converges to the old
-                    self._next_output = b.fuse(stylized_b(), b.warp(self._next_output, p.flow_back), p.mask,
-                                               self.settings.strength)
+                    self._next_output = self._fuse(stylized_b(), self._next_output, p)
         if self.anchors is not None and t is not None:
             # A chain starting at t (not the one this cold fuser starts anyway) begins from the stylization.
             if self.anchors.starts_chain(t) and not cold:
@@ -249,6 +269,12 @@ class TemporalFuser:
             return stylized
         self._prev_output = _owned(out_b)
         return b.to_host(out_b)
+
+
+    def _fuse(self, stylized: object, state: object, pair: PairFlow) -> object:
+        st, b = self.settings, self.backend
+        return b.fuse(stylized, b.warp(state, pair.flow_back, st.warp_interpolation), pair.mask, st.strength,
+                      st.keep_detail)
 
 
 def _owned(frame: object) -> object:

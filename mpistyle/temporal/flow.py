@@ -127,13 +127,24 @@ def _check_flow(flow: np.ndarray, shape: tuple[int, ...]) -> None:
         raise ValueError(f"flow of shape {flow.shape} does not fit an image of shape {shape}")
 
 
-def warp(image: np.ndarray, flow: np.ndarray) -> np.ndarray:
-    """Backward warp: ``out(x) = image(x + flow(x))``, bilinear, border replicate, same dtype."""
+WARP_INTERPOLATIONS = {"linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
+
+
+def warp(image: np.ndarray, flow: np.ndarray, interpolation: str = "linear") -> np.ndarray:
+    """Backward warp: ``out(x) = image(x + flow(x))``, border replicate, same dtype.
+
+    ``linear`` (bilinear; the metrics' warp) or ``cubic`` (Keys' bicubic, a = -0.75, as OpenCV computes it
+    for 8-bit images in OpenCV 5: float32 weights at the exact sub-pixel position, rows then columns; the
+    fusion carries its state with it, because a bilinear warp softens the state a little more every frame).
+    """
     _check_flow(flow, image.shape)
     if image.dtype not in (np.uint8, np.float32):
         raise ValueError(f"warp supports uint8 and float32 images, got {image.dtype}")
+    if interpolation not in WARP_INTERPOLATIONS:
+        raise ValueError(f"unknown warp interpolation {interpolation!r} (choose linear or cubic)")
     maps = _grid(*image.shape[:2]) + flow.astype(np.float32, copy=False)
-    out = cv2.remap(image, maps, None, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    out = cv2.remap(image, maps, None, interpolation=WARP_INTERPOLATIONS[interpolation],
+                    borderMode=cv2.BORDER_REPLICATE)
     # remap drops a trailing channel axis of size 1; keep the caller's shape.
     return out.reshape(image.shape)
 

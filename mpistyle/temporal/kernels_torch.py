@@ -13,6 +13,11 @@ float32, so on real frames they give the same bits as the OpenCV/NumPy reference
 * **mask**: the same thresholds, evaluated with the same float32 operations in the same order
   (separate tensor ops, so no fused multiply-add changes a bit on CUDA), Sobel ksize 1 as
   ``(f[x+1] - f[x-1]) * 0.5`` with replicated border, erosion as a min-pool over a replicated border.
+* **cubic warp** (the fusion state's warp): OpenCV 5's 8-bit INTER_CUBIC, which is Keys' kernel (a = -0.75)
+  with float32 weights at the exact sub-pixel position, each row's four taps summed in order, then the
+  four rows; the same here, so the bits agree.
+* **detail kept**: :func:`mpistyle.temporal.kernels.keep_detail`: window sums of integers (exact in any
+  order), then the same float64 element-wise operations.
 * **confidence**: the mask is 0/1, so its float32 sum is an exact count (frames below 2^24 px) and
   ``count / n`` in float32 is NumPy's float32 mean.
 
@@ -30,7 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mpistyle.temporal.flow import MASK_MIN_FILTER, PairFlow
+from mpistyle.temporal.flow import MASK_MIN_FILTER, WARP_INTERPOLATIONS, PairFlow
+from mpistyle.temporal.kernels import DETAIL_WINDOW, VARIANCE_WINDOW, detail_max_gain
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +91,43 @@ class TorchFusion:
         flow = flow.to(torch.float32)
         return gx + flow[..., 0], gy + flow[..., 1]
 
-    def warp(self, image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-        """Backward warp ``out(x) = image(x + flow(x))``: bilinear, border replicate, same dtype and shape."""
+    def warp(self, image: torch.Tensor, flow: torch.Tensor, interpolation: str = "linear") -> torch.Tensor:
+        """Backward warp ``out(x) = image(x + flow(x))``: bilinear or bicubic, border replicate, same dtype, shape."""
         if flow.ndim != 3 or flow.shape[2] != 2 or tuple(flow.shape[:2]) != tuple(image.shape[:2]):
             raise ValueError(f"flow of shape {tuple(flow.shape)} does not fit an image of shape {tuple(image.shape)}")
+        if interpolation not in WARP_INTERPOLATIONS:
+            raise ValueError(f"unknown warp interpolation {interpolation!r} (choose linear or cubic)")
         mx, my = self._maps(flow)
+        if interpolation == "cubic":
+            return self._remap_cubic(image, mx, my)
         return self._remap(image, mx, my)
+
+    def _remap_cubic(self, image: torch.Tensor, mx: torch.Tensor, my: torch.Tensor) -> torch.Tensor:
+        if image.dtype not in (torch.uint8, torch.float32):
+            raise ValueError(f"warp supports uint8 and float32 images, got {image.dtype}")
+        h, w = image.shape[:2]
+        flat = image.reshape(h * w, -1)
+        x0f, y0f = torch.floor(mx), torch.floor(my)
+        wx, wy = _keys_weights(mx - x0f), _keys_weights(my - y0f)
+        x0 = x0f.clamp(-2, w + 1).to(torch.int32)  # the taps are clamped to the frame anyway
+        y0 = y0f.clamp(-2, h + 1).to(torch.int32)
+        cols = [(x0 + (k - 1)).clamp(0, w - 1) for k in range(4)]
+        shape = (*x0.shape, flat.shape[1])
+        out: torch.Tensor | None = None
+        for i in range(4):
+            row_start = (y0 + (i - 1)).clamp(0, h - 1) * w
+            row: torch.Tensor | None = None
+            for k in range(4):
+                tap = flat.index_select(0, (row_start + cols[k]).reshape(-1)).reshape(shape).to(torch.float32)
+                term = tap * wx[k][..., None]
+                row = term if row is None else row + term
+            assert row is not None
+            term = row * wy[i][..., None]
+            out = term if out is None else out + term
+        assert out is not None
+        if image.dtype == torch.uint8:
+            return out.round_().clamp_(0, 255).to(torch.uint8).reshape(image.shape)
+        return out.reshape(image.shape)
 
     def _remap(self, image: torch.Tensor, mx: torch.Tensor, my: torch.Tensor) -> torch.Tensor:
         if image.dtype == torch.uint8:
@@ -213,12 +250,15 @@ class TorchFusion:
         out.add_(s)
         return out
 
-    def fuse(self, stylized: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor, strength: float) -> torch.Tensor:
-        """:meth:`blend` rounded half to even and clipped to uint8 (kernels.fuse)."""
-        return self.blend(stylized, warped, mask, strength).round_().clamp_(0, 255).to(torch.uint8)
+    def fuse(self, stylized: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor, strength: float,
+             keep_detail_energy: bool = False) -> torch.Tensor:
+        """:meth:`blend` (with the detail kept if asked) rounded half to even and clipped to uint8 (kernels.fuse)."""
+        out = self.blend(stylized, warped, mask, strength).round_().clamp_(0, 255).to(torch.uint8)
+        return keep_detail(out, stylized, mask, strength) if keep_detail_energy and strength > 0 else out
 
     def fuse_gated(self, stylized: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor, confidence: Any,
-                   strength: float, scene_cut: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   strength: float, scene_cut: float,
+                   keep_detail_energy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Fuse, or keep ``stylized`` where ``confidence < scene_cut`` (a cut), without a host sync.
 
         Returns (out uint8, cut as a 0-dim bool tensor). The comparison is in float64, as the NumPy
@@ -227,4 +267,57 @@ class TorchFusion:
         conf = torch.as_tensor(confidence, device=mask.device).to(torch.float64)
         cut = conf < scene_cut
         gated = torch.where(cut, torch.zeros_like(mask, dtype=torch.float32), mask.to(torch.float32))
-        return self.fuse(stylized, warped, gated, strength), cut
+        return self.fuse(stylized, warped, gated, strength, keep_detail_energy), cut
+
+
+def _keys_weights(x: torch.Tensor) -> list[torch.Tensor]:
+    """Keys' cubic weights (a = -0.75) of the taps at -1, 0, 1, 2 for fractions ``x``, float32 as OpenCV's."""
+    a = -0.75
+    x1 = x + 1
+    c0 = ((a * x1 - 5 * a) * x1 + 8 * a) * x1 - 4 * a
+    c1 = ((a + 2) * x - (a + 3)) * x * x + 1
+    y = 1 - x
+    c2 = ((a + 2) * y - (a + 3)) * y * y + 1
+    return [c0, c1, c2, 1 - c0 - c1 - c2]
+
+
+def window_sums(image: torch.Tensor, size: int = DETAIL_WINDOW) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mpistyle.temporal.kernels.window_sums` of an (H, W, C) uint8 tensor: the same exact sums.
+
+    Prefix sums in float64 (exact for integers), differenced, then float32 (the window sums are below 2**24).
+    """
+    r = size // 2
+    x = F.pad(image.to(torch.float64).permute(2, 0, 1)[None], (r, r, r, r), mode="replicate")[0]
+
+    def box(c: torch.Tensor) -> torch.Tensor:
+        c = torch.cumsum(c, dim=1)
+        c = torch.cat([torch.zeros_like(c[:, :1]), c], dim=1)
+        c = c[:, size:] - c[:, :-size]
+        c = torch.cumsum(c, dim=2)
+        c = torch.cat([torch.zeros_like(c[:, :, :1]), c], dim=2)
+        return (c[:, :, size:] - c[:, :, :-size]).to(torch.float32).permute(1, 2, 0)
+
+    return box(x), box(x * x)
+
+
+def local_variance(sums: tuple[torch.Tensor, torch.Tensor], size: int = DETAIL_WINDOW) -> torch.Tensor:
+    """:func:`mpistyle.temporal.kernels.local_variance` in torch (the same float32 operations)."""
+    s1, s2 = sums
+    v = s2 - (s1 / float(size * size)) * s1
+    return v[..., 0] + v[..., 1] + v[..., 2]
+
+
+def keep_detail(fused: torch.Tensor, stylized: torch.Tensor, mask: torch.Tensor, strength: float) -> torch.Tensor:
+    """:func:`mpistyle.temporal.kernels.keep_detail` in torch: uint8 in, uint8 out, the same bits."""
+    base = window_sums(fused, DETAIL_WINDOW)[0] / float(DETAIL_WINDOW * DETAIL_WINDOW)
+    n = VARIANCE_WINDOW * VARIANCE_WINDOW
+    reg = float(3 * n)
+    v_stylized = local_variance(window_sums(stylized, VARIANCE_WINDOW), VARIANCE_WINDOW)
+    ratio = (v_stylized + reg) / (local_variance(window_sums(fused, VARIANCE_WINDOW), VARIANCE_WINDOW) + reg)
+    gain = torch.sqrt(ratio.to(torch.float64)).to(torch.float32)
+    gain.clamp_(1.0, float(np.float32(detail_max_gain(strength))))
+    gain = torch.where(mask > 0, gain, torch.ones_like(gain))
+    out = fused.to(torch.float32) - base
+    out.mul_(gain[..., None])
+    out.add_(base)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
