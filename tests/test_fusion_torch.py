@@ -280,7 +280,7 @@ def test_cubic_warp_matches_opencv_on_real_flows(frames, flows, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_detail_kept_gives_the_reference_bits(frames, flows, device):
     """The detail step alone: exact window sums, the same float32 operations: the same bits as NumPy."""
-    from mpistyle.temporal.kernels import keep_detail
+    from mpistyle.temporal.detail import keep_detail
 
     tf = TorchFusion(device)
     sty = _stylized(frames)

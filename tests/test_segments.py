@@ -146,6 +146,15 @@ def test_aborted_writer_leaves_no_partial_segment(tmp_path: Path) -> None:
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".mp4")]
 
 
+def _assert_the_stylized_frames_in_order(decoded: np.ndarray, stylized: np.ndarray) -> None:
+    """Each decoded frame is its own buffer frame: at 27 dB or more from it, where a frame from elsewhere in
+    the clip scores about 14 dB. (H.264 at crf 18 keeps 29.3-29.5 dB at worst on the painted texture of the
+    0.5 styles at 320x180, about the hardest content there is for the codec; the source stays above 30.)"""
+    assert len(decoded) == len(stylized)
+    worst = min(psnr(a, b) for a, b in zip(decoded, stylized, strict=True))
+    assert worst > 27, worst
+
+
 def _buffer_frames(buffer: Path) -> np.ndarray:
     with h5py.File(buffer, "r") as f:
         assert f["done"][...].all()
@@ -195,9 +204,8 @@ def test_segment_encode_keeps_frames_fps_and_audio(sample_segment_runs, ranks) -
     if ranks == 2:
         assert [r["counts"]["leftover_frames"] for r in per_rank] == [0, 64]
     assert all(r["counts"].get("segment_failures", 0) == 0 for r in per_rank)
-    # the video holds the buffer's frames, in order (H.264 at crf 18: well above 30 dB)
-    stylized = _buffer_frames(sample_segment_runs[ranks]["buffer"])
-    assert min(psnr(a, b) for a, b in zip(read_all(str(out)), stylized, strict=True)) > 30
+    # the video holds the buffer's frames, in order
+    _assert_the_stylized_frames_in_order(read_all(str(out)), _buffer_frames(sample_segment_runs[ranks]["buffer"]))
 
 
 def test_rank0_receives_no_frame_data_with_segments(sample_segment_runs) -> None:
@@ -222,4 +230,4 @@ def test_rerun_on_a_complete_buffer_only_encodes(tmp_path: Path, model_args) -> 
     assert out.read_bytes() == first
     info = probe(str(out))
     assert info.n_frames == 24 and info.has_audio
-    assert min(psnr(a, b) for a, b in zip(read_all(str(out)), stylized, strict=True)) > 30
+    _assert_the_stylized_frames_in_order(read_all(str(out)), stylized)

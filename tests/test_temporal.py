@@ -64,7 +64,7 @@ def test_fuse_formula_and_occlusion_rule():
 def test_fuse_is_a_contraction(keep_detail):
     """Two different states fed the same stylizations converge like rate**k (mask 1): rate = strength for
     the plain blend, strength x gain <= 0.9 with the detail energy kept."""
-    from mpistyle.temporal.kernels import DETAIL_DECAY, detail_max_gain
+    from mpistyle.temporal.detail import DETAIL_DECAY, detail_max_gain
 
     rng = np.random.default_rng(2)
     strength = 0.7

@@ -16,7 +16,7 @@ float32, so on real frames they give the same bits as the OpenCV/NumPy reference
 * **cubic warp** (the fusion state's warp): OpenCV 5's 8-bit INTER_CUBIC, which is Keys' kernel (a = -0.75)
   with float32 weights at the exact sub-pixel position, each row's four taps summed in order, then the
   four rows; the same here, so the bits agree.
-* **detail kept**: :func:`mpistyle.temporal.kernels.keep_detail`: window sums of integers (exact in any
+* **detail kept**: :func:`mpistyle.temporal.detail.keep_detail`: window sums of integers (exact in any
   order), then the same float64 element-wise operations.
 * **confidence**: the mask is 0/1, so its float32 sum is an exact count (frames below 2^24 px) and
   ``count / n`` in float32 is NumPy's float32 mean.
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mpistyle.temporal.detail import DETAIL_WINDOW, VARIANCE_WINDOW, detail_max_gain
 from mpistyle.temporal.flow import MASK_MIN_FILTER, WARP_INTERPOLATIONS, PairFlow
-from mpistyle.temporal.kernels import DETAIL_WINDOW, VARIANCE_WINDOW, detail_max_gain
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def _keys_weights(x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def window_sums(image: torch.Tensor, size: int = DETAIL_WINDOW) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`mpistyle.temporal.kernels.window_sums` of an (H, W, C) uint8 tensor: the same exact sums.
+    """:func:`mpistyle.temporal.detail.window_sums` of an (H, W, C) uint8 tensor: the same exact sums.
 
     Prefix sums in float64 (exact for integers), differenced, then float32 (the window sums are below 2**24).
     """
@@ -301,14 +301,14 @@ def window_sums(image: torch.Tensor, size: int = DETAIL_WINDOW) -> tuple[torch.T
 
 
 def local_variance(sums: tuple[torch.Tensor, torch.Tensor], size: int = DETAIL_WINDOW) -> torch.Tensor:
-    """:func:`mpistyle.temporal.kernels.local_variance` in torch (the same float32 operations)."""
+    """:func:`mpistyle.temporal.detail.local_variance` in torch (the same float32 operations)."""
     s1, s2 = sums
     v = s2 - (s1 / float(size * size)) * s1
     return v[..., 0] + v[..., 1] + v[..., 2]
 
 
 def keep_detail(fused: torch.Tensor, stylized: torch.Tensor, mask: torch.Tensor, strength: float) -> torch.Tensor:
-    """:func:`mpistyle.temporal.kernels.keep_detail` in torch: uint8 in, uint8 out, the same bits."""
+    """:func:`mpistyle.temporal.detail.keep_detail` in torch: uint8 in, uint8 out, the same bits."""
     base = window_sums(fused, DETAIL_WINDOW)[0] / float(DETAIL_WINDOW * DETAIL_WINDOW)
     n = VARIANCE_WINDOW * VARIANCE_WINDOW
     reg = float(3 * n)
