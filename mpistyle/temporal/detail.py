@@ -44,7 +44,12 @@ def window_sums(image: np.ndarray, size: int = DETAIL_WINDOW) -> tuple[np.ndarra
     order a SIMD path or a thread split adds them in: every CPU and the torch kernels get the same bits.
     """
     kw = {"ksize": (size, size), "normalize": False, "borderType": cv2.BORDER_REPLICATE}
-    return cv2.boxFilter(image, cv2.CV_32F, **kw), cv2.sqrBoxFilter(image, cv2.CV_32F, **kw)
+    return window_sum(image, size), cv2.sqrBoxFilter(image, cv2.CV_32F, **kw)
+
+
+def window_sum(image: np.ndarray, size: int = DETAIL_WINDOW) -> np.ndarray:
+    """The first of :func:`window_sums` alone (the 9x9 base needs no squares)."""
+    return cv2.boxFilter(image, cv2.CV_32F, (size, size), normalize=False, borderType=cv2.BORDER_REPLICATE)
 
 
 def local_variance(sums: tuple[np.ndarray, np.ndarray], size: int = DETAIL_WINDOW) -> np.ndarray:
@@ -68,7 +73,7 @@ def keep_detail(fused: np.ndarray, stylized: np.ndarray, mask: np.ndarray, stren
     to each), clamped to [1, min(2, 0.9 / strength)], and 1 where the mask is 0 (there the fused frame is the
     stylization, and stays it exactly); float32, rounded to uint8.
     """
-    base = window_sums(fused, DETAIL_WINDOW)[0] / np.float32(DETAIL_WINDOW * DETAIL_WINDOW)
+    base = window_sum(fused, DETAIL_WINDOW) / np.float32(DETAIL_WINDOW * DETAIL_WINDOW)
     n = VARIANCE_WINDOW * VARIANCE_WINDOW
     reg = np.float32(3 * n)
     v_stylized = local_variance(window_sums(stylized, VARIANCE_WINDOW), VARIANCE_WINDOW)

@@ -286,18 +286,20 @@ def window_sums(image: torch.Tensor, size: int = DETAIL_WINDOW) -> tuple[torch.T
 
     Prefix sums in float64 (exact for integers), differenced, then float32 (the window sums are below 2**24).
     """
+    x = image.to(torch.float64)
+    return window_sum(x, size), window_sum(x * x, size)
+
+
+def window_sum(image: torch.Tensor, size: int = DETAIL_WINDOW) -> torch.Tensor:
+    """The first of :func:`window_sums` alone: float64 prefix sums, differenced, then float32."""
     r = size // 2
-    x = F.pad(image.to(torch.float64).permute(2, 0, 1)[None], (r, r, r, r), mode="replicate")[0]
-
-    def box(c: torch.Tensor) -> torch.Tensor:
-        c = torch.cumsum(c, dim=1)
-        c = torch.cat([torch.zeros_like(c[:, :1]), c], dim=1)
-        c = c[:, size:] - c[:, :-size]
-        c = torch.cumsum(c, dim=2)
-        c = torch.cat([torch.zeros_like(c[:, :, :1]), c], dim=2)
-        return (c[:, :, size:] - c[:, :, :-size]).to(torch.float32).permute(1, 2, 0)
-
-    return box(x), box(x * x)
+    c = F.pad(image.to(torch.float64).permute(2, 0, 1)[None], (r, r, r, r), mode="replicate")[0]
+    c = torch.cumsum(c, dim=1)
+    c = torch.cat([torch.zeros_like(c[:, :1]), c], dim=1)
+    c = c[:, size:] - c[:, :-size]
+    c = torch.cumsum(c, dim=2)
+    c = torch.cat([torch.zeros_like(c[:, :, :1]), c], dim=2)
+    return (c[:, :, size:] - c[:, :, :-size]).to(torch.float32).permute(1, 2, 0)
 
 
 def local_variance(sums: tuple[torch.Tensor, torch.Tensor], size: int = DETAIL_WINDOW) -> torch.Tensor:
@@ -309,7 +311,7 @@ def local_variance(sums: tuple[torch.Tensor, torch.Tensor], size: int = DETAIL_W
 
 def keep_detail(fused: torch.Tensor, stylized: torch.Tensor, mask: torch.Tensor, strength: float) -> torch.Tensor:
     """:func:`mpistyle.temporal.detail.keep_detail` in torch: uint8 in, uint8 out, the same bits."""
-    base = window_sums(fused, DETAIL_WINDOW)[0] / float(DETAIL_WINDOW * DETAIL_WINDOW)
+    base = window_sum(fused, DETAIL_WINDOW) / float(DETAIL_WINDOW * DETAIL_WINDOW)
     n = VARIANCE_WINDOW * VARIANCE_WINDOW
     reg = float(3 * n)
     v_stylized = local_variance(window_sums(stylized, VARIANCE_WINDOW), VARIANCE_WINDOW)
