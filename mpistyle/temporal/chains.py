@@ -64,7 +64,7 @@ from mpistyle.temporal.kernels import FusionBackend, NumpyFusion
 logger = logging.getLogger(__name__)
 
 TEMPORAL_MODES = ("flow", "none")
-# How the fused frame keeps the style's texture (:mod:`mpistyle.temporal.kernels`): "keep" (since 0.5) carries
+# How the fused frame keeps the style's texture (:mod:`mpistyle.temporal.detail`): "keep" (since 0.5) carries
 # the state with a bicubic warp and keeps the fresh stylization's local detail energy; "blend" is 0.4's plain
 # average with a bilinear warp, which fades the strokes (docs/styles.md).
 FUSION_TEXTURES = ("keep", "blend")
