@@ -138,9 +138,13 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep the source's colours: the stylized frame's lightness with the source's chroma "
                         "(CIELAB luminance transfer, Gatys et al. 2016)")
     g.add_argument("--stroke-scale", type=_stroke_scale, default=1.0, metavar="K|auto",
-                   help="paint strokes K times larger: the network runs on the frame scaled by 1/K and the "
-                        "source's full-resolution detail is restored with a guided upsampling (faster too); "
+                   help="paint strokes K times larger: the network paints them on the frame scaled by 1/K; "
                         "auto = short side / 360, so 1080p and 4K get the strokes of 640x360 (default 1)")
+    g.add_argument("--stroke-detail", choices=("painted", "source"), default="painted",
+                   help="the fine detail of a stroke-scaled frame: painted = a second, full-size network pass "
+                        "paints it (costs 1 + 1/K^2 of K = 1); source = the source's detail by guided "
+                        "upsampling (the network at 1/K only: K^2 times cheaper, softer texture) "
+                        "(default painted)")
     g = p.add_argument_group("size")
     g.add_argument("--width", type=_positive_int, help="output width (height follows the aspect unless given)")
     g.add_argument("--height", type=_positive_int, help="output height")
@@ -235,7 +239,7 @@ def _stylize_options(args: argparse.Namespace) -> object:
         threads=args.threads, scratch=args.scratch, chunk=args.chunk, schedule=args.schedule,
         chunks=args.chunks or 0, crf=args.crf, encode=args.encode, decode=args.decode, report=args.report,
         progress=not args.no_progress, fps=args.fps, style_strength=args.style_strength,
-        keep_colors=args.keep_colors, stroke_scale=args.stroke_scale)
+        keep_colors=args.keep_colors, stroke_scale=args.stroke_scale, stroke_detail=args.stroke_detail)
 
 
 def cmd_stylize(args: argparse.Namespace) -> int:

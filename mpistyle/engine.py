@@ -463,5 +463,13 @@ class ControlledStylizer:
             raise ValueError(f"expected (N,H,W,3) frames, got shape {frames.shape}")
         with torch.inference_mode():
             source = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
-            out = apply_controls(source, self.stylizer.forward_tensor, self.controls)
+            out = apply_controls(source, self._network, self.controls)
             return out.cpu().numpy()
+
+    def _network(self, frames: torch.Tensor) -> torch.Tensor:
+        """The compiled network at the size it was compiled for (the largest the controls use), the eager
+        one at the other (painted detail runs the network at two sizes): the same choice on every rank."""
+        shape = self.stylizer.compiled_shape
+        if self.stylizer.compiled is not None and shape is not None and tuple(frames.shape[1:]) != shape[1:]:
+            return self.stylizer.framenet(frames)
+        return self.stylizer.forward_tensor(frames)

@@ -135,7 +135,8 @@ def test_stroke_scale_runs_the_network_small_and_restores_detail(frames) -> None
         seen.append(tuple(x.shape))
         return x
 
-    out = _run(frames, type("Net", (), {"forward_tensor": staticmethod(identity)}), C.Controls(stroke_scale=3.0))
+    out = _run(frames, type("Net", (), {"forward_tensor": staticmethod(identity)}),
+               C.Controls(stroke_scale=3.0, stroke_detail="source"))
     assert out.shape == frames.shape
     assert seen == [(2, 32, 75, 3)]
     src = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
@@ -144,6 +145,65 @@ def test_stroke_scale_runs_the_network_small_and_restores_detail(frames) -> None
     err_restored = np.abs(out.astype(np.float32) - frames).mean()
     err_bilinear = np.abs(bilinear - frames).mean()
     assert err_restored < 0.6 * err_bilinear, (err_restored, err_bilinear)
+
+
+def test_painted_detail_takes_big_strokes_from_the_small_pass_and_fine_ones_from_the_full_pass(frames) -> None:
+    """Two scales: the network runs at 1/K and at full size; below a Gaussian of sigma K the output is the
+    small pass's (upscaled), above it the full pass's. A 'network' that paints a big stroke only at the small
+    size and fine stripes only at full size shows both in the output."""
+    seen = []
+
+    def painter(x: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(x.shape))
+        y = x.permute(0, 3, 1, 2).float()
+        if x.shape[1] == frames.shape[1]:  # full size: fine vertical stripes of period 2 over the source
+            y = y + 40.0 * (torch.arange(y.shape[-1]) % 2 * 2 - 1).float()
+        else:  # small: a bright left half (a 'big stroke')
+            y = y + 60.0 * (torch.arange(y.shape[-1]) < y.shape[-1] // 2).float()
+        return C.to_uint8(y)
+
+    net = type("Net", (), {"forward_tensor": staticmethod(painter)})
+    out = _run(frames, net, C.Controls(stroke_scale=3.0))
+    assert sorted(seen) == [(2, 32, 75, 3), (2, 96, 224, 3)]
+    diff = out.astype(np.float32) - frames
+    # the big stroke: the left half brighter than the right (the full pass has no such step)
+    assert diff[:, :, 20:90].mean() - diff[:, :, 134:204].mean() > 40
+    # the fine stripes: the full pass's period-2 detail survives (the small pass cannot carry it)
+    assert np.abs(np.diff(diff[:, :, 20:204].mean(axis=(0, 1, 3)))).mean() > 40
+    # with the source's detail the network runs at 1/K only, and no stripes appear
+    seen.clear()
+    src_out = _run(frames, net, C.Controls(stroke_scale=3.0, stroke_detail="source"))
+    assert seen == [(2, 32, 75, 3)]
+    assert np.abs(np.diff((src_out.astype(np.float32) - frames)[:, :, 20:204].mean(axis=(0, 1, 3)))).mean() < 10
+
+
+@pytest.mark.parametrize("detail", C.STROKE_DETAILS)
+def test_stroke_scale_gives_the_same_bits_with_any_thread_count(frames, stylizer, detail) -> None:
+    """N ranks run with fewer threads each than 1 rank: the controls' result must not depend on it."""
+    controls = C.Controls(stroke_scale=2.0, stroke_detail=detail, keep_colors=True, style_strength=0.6)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(_run(frames, stylizer, controls))
+    finally:
+        torch.set_num_threads(before)
+    assert np.array_equal(outs[0], outs[1])
+
+
+def test_network_sizes_for_each_detail() -> None:
+    assert C.Controls().network_sizes(1080, 1920) == [(1080, 1920)]
+    assert C.Controls(stroke_scale=3.0).network_sizes(1080, 1920) == [(1080, 1920), (360, 640)]
+    assert C.Controls(stroke_scale=3.0, stroke_detail="source").network_sizes(1080, 1920) == [(360, 640)]
+
+
+def test_gaussian_blur_matches_opencv(frames) -> None:
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    got = C.gaussian_blur(x, 3.0).permute(0, 2, 3, 1).numpy()
+    want = np.stack([cv2.GaussianBlur(f.astype(np.float32), (19, 19), 3.0, borderType=cv2.BORDER_REFLECT_101)
+                     for f in frames])
+    assert np.abs(got - want).max() < 0.01
 
 
 def test_stroke_scale_auto() -> None:
@@ -189,3 +249,26 @@ def test_help_explains_each_control() -> None:
     for flag in ("--style-strength S", "--keep-colors", "--stroke-scale K|auto", "--temporal-strength",
                  "deprecated alias of --temporal-strength"):
         assert flag in text, flag
+
+
+def test_a_compiled_network_takes_the_full_size_and_the_small_pass_runs_eagerly(frames, stylizer) -> None:
+    """Painted detail runs the network at two sizes; the compiled one is for the largest (run.py sizes the
+    batch and the compilation by Controls.network_sizes), and the 1/K pass goes to the eager network."""
+    import copy
+
+    from mpistyle.engine import ControlledStylizer
+
+    st = copy.copy(stylizer)  # the module's stylizer stays uncompiled
+    calls = []
+
+    def fake_compiled(x: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return stylizer.framenet(x)
+
+    controls = C.Controls(stroke_scale=2.0)
+    (h, w), small = controls.network_sizes(frames.shape[1], frames.shape[2])
+    st.use_compiled(fake_compiled, (len(frames), h, w, 3))
+    out = ControlledStylizer(st, controls)(frames)
+    assert calls == [(len(frames), h, w, 3)]  # only the full-size pass went to the compiled network
+    assert np.array_equal(out, _run(frames, stylizer, controls))
+    assert small == (48, 112)

@@ -52,11 +52,13 @@ def test_n_ranks_match_one_rank_with_the_controls(runs) -> None:
 
 
 def test_controls_are_in_effect_and_recorded(runs) -> None:
+    # painted detail (the default): the network runs at full size and at 1/K
     assert runs[1]["report"]["controls"] == {"style_strength": 0.5, "keep_colors": True, "stroke_scale": 2.0,
-                                             "network_size": [64, 36]}
+                                             "stroke_detail": "painted", "network_sizes": [[128, 72], [64, 36]]}
     with h5py.File(runs[1]["buffer"], "r") as f:
         settings = json.loads(f.attrs["settings"])
-    assert (settings["style_strength"], settings["keep_colors"], settings["stroke_scale"]) == (0.5, True, 2.0)
+    assert (settings["style_strength"], settings["keep_colors"], settings["stroke_scale"],
+            settings["stroke_detail"]) == (0.5, True, 2.0, "painted")
     # the look did change: not the source
     source = read_all(str(BBB)).astype(np.float32)
     assert np.abs(_frames(runs[1]["buffer"]) - source).mean() > 3.0
@@ -78,6 +80,7 @@ def test_keep_colors_chroma_bound_after_fusion(runs) -> None:
     (["--style-strength", "0.75", "--keep-colors", "--stroke-scale", "2"], "style_strength"),
     (["--style-strength", "0.5", "--stroke-scale", "2"], "keep_colors"),
     (["--style-strength", "0.5", "--keep-colors", "--stroke-scale", "auto"], "stroke_scale"),  # auto: 1 at 128x72
+    ([*FLAGS, "--stroke-detail", "source"], "stroke_detail"),
     ([*FLAGS, "--fusion-texture", "blend"], "fusion_texture"),  # the fusion, like the look, is recorded
 ])
 def test_resume_with_other_choices_is_refused(runs, model_args, flags, key) -> None:

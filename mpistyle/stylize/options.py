@@ -50,13 +50,17 @@ class StylizeOptions:
     style_strength: float = 1.0
     keep_colors: bool = False
     stroke_scale: float | str = 1.0  # a number >= 1, or "auto" (short side / 360)
+    stroke_detail: str = "painted"  # where a stroke-scaled frame's fine detail comes from (controls.STROKE_DETAILS)
 
     def controls(self, height: int, width: int) -> Any:
         """The :class:`~mpistyle.controls.Controls` for output frames of this size."""
-        from ..controls import Controls, resolve_stroke_scale
+        from ..controls import STROKE_DETAIL, Controls, resolve_stroke_scale
 
+        k = resolve_stroke_scale(self.stroke_scale, height, width)
+        # at K = 1 there is no detail to restore: the choice is recorded as the default, so it cannot
+        # make a resume refuse a run whose frames would be the same
         return Controls(style_strength=float(self.style_strength), keep_colors=bool(self.keep_colors),
-                        stroke_scale=resolve_stroke_scale(self.stroke_scale, height, width))
+                        stroke_scale=k, stroke_detail=self.stroke_detail if k > 1.0 else STROKE_DETAIL)
 
 
 @dataclass

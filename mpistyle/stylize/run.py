@@ -70,11 +70,11 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     configure_threads(threads)
 
     checked: Validated = collective(comm, lambda: validate_on_root(opts, size))
-    # The look controls (mpistyle.controls): the network runs at the stroke scale's size.
-    from ..controls import network_size
-
+    # The look controls (mpistyle.controls): the network runs at the stroke scale's size, and at full size
+    # too for painted detail; the batch and the compiled network are for the largest of those sizes.
     controls = opts.controls(checked.height, checked.width)
-    net_h, net_w = network_size(checked.height, checked.width, controls.stroke_scale)
+    net_sizes = controls.network_sizes(checked.height, checked.width)
+    net_h, net_w = net_sizes[0]
 
     def load() -> Any:
         import torch
@@ -193,7 +193,8 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
             logger.info(run_summary(setup.n_frames, plan.n_todo, setup.width, setup.height, size,
                                     checked.model_path, device, precision_name, network, reused))
             if not controls.identity:
-                logger.info("look: %s (network at %dx%d)", controls.describe(), net_w, net_h)
+                logger.info("look: %s (network at %s)", controls.describe(),
+                            " and ".join(f"{w}x{h}" for h, w in net_sizes))
             # The details, for -v: the numeric recipe, why it was (not) compiled, the threads.
             logger.debug("network %s (%s); %d thread(s) per rank", network, network_why, threads)
         collective(comm, index_on_root)  # before any rank reads stored frames from it
@@ -267,7 +268,7 @@ def run_stylize(opts: StylizeOptions, comm: Any | None = None) -> dict[str, Any]
     if report:  # rank 0
         report["network"] = {"path": network, "why": network_why, **compile_info}
         report["outputs_inherited"] = sum(r["trace"].get("outputs_inherited", 0) for r in report["per_rank"])
-        report["controls"] = {**controls.settings(), "network_size": [net_w, net_h]}
+        report["controls"] = {**controls.settings(), "network_sizes": [[w, h] for h, w in net_sizes]}
     logger.debug("rank %d: work ended: %s", rank, outcome)
     return report
 

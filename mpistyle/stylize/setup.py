@@ -103,10 +103,7 @@ def choose_network(opts: StylizeOptions, checked: Validated, stylizer: Any) -> t
     if not opts.restart and os.path.isfile(buffer_path):
         name = stored_network(buffer_path)
         stored = None if name is None else name.startswith("compiled/")
-    from ..controls import network_size
-
-    k = opts.controls(checked.height, checked.width).stroke_scale
-    net_h, net_w = network_size(checked.height, checked.width, k)
+    net_h, net_w = opts.controls(checked.height, checked.width).network_sizes(checked.height, checked.width)[0]
     on, why = decide(opts.compile, stylizer.device, checked.info.n_frames, net_h, net_w,
                      fixed_threads(opts.threads), stored=stored, transformer=is_transformer(stylizer),
                      figures=read_figures(stylizer.device.type) if opts.compile == "auto" else None)
@@ -152,7 +149,7 @@ def open_buffer_on_root(opts: StylizeOptions, checked: Validated, precision_name
         "network": network,  # the numeric path (compiled or eager recipe): a resume must take the same
         "device_type": device_type,
         "mpistyle": __version__,
-        # style_strength, keep_colors, stroke_scale (resolved: auto is a number for this frame size)
+        # style_strength, keep_colors, stroke_scale (resolved: auto is a number for this frame size), stroke_detail
         **opts.controls(height, width).settings(),
     }
     fresh = opts.restart or not os.path.exists(buffer_path)
