@@ -246,8 +246,8 @@ def test_help_explains_each_control() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices["stylize"]
     text = " ".join(sub.format_help().split())
-    for flag in ("--style-strength S", "--keep-colors", "--stroke-scale K|auto", "--temporal-strength",
-                 "deprecated alias of --temporal-strength"):
+    for flag in ("--style-strength S", "--keep-colors", "--stroke-scale K|auto", "--stroke-detail",
+                 "a second, full-size network pass", "--temporal-strength", "deprecated alias of --temporal-strength"):
         assert flag in text, flag
 
 
