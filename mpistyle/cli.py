@@ -140,6 +140,7 @@ def add_stylize_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stroke-scale", type=_stroke_scale, default=1.0, metavar="K|auto",
                    help="paint strokes K times larger: the network paints them on the frame scaled by 1/K; "
                         "auto = short side / 360, so 1080p and 4K get the strokes of 640x360 (default 1)")
+    # controls.STROKE_DETAILS and STROKE_DETAIL, spelled out: controls imports torch (a test keeps them in step)
     g.add_argument("--stroke-detail", choices=("painted", "source"), default="painted",
                    help="the fine detail of a stroke-scaled frame: painted = a second, full-size network pass "
                         "paints it (costs 1 + 1/K^2 of K = 1); source = the source's detail by guided "

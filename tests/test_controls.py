@@ -192,6 +192,17 @@ def test_stroke_scale_gives_the_same_bits_with_any_thread_count(frames, stylizer
     assert np.array_equal(outs[0], outs[1])
 
 
+def test_the_cli_and_the_options_offer_the_controls_stroke_details() -> None:
+    """cli.py spells the choices out (it must not import torch to build the parser): kept in step here."""
+    from mpistyle.stylize.options import StylizeOptions
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["stylize"]
+    action = next(a for a in sub._actions if a.dest == "stroke_detail")
+    assert tuple(action.choices) == C.STROKE_DETAILS and action.default == C.STROKE_DETAIL
+    assert StylizeOptions(input="in.mp4", output="out.mp4").stroke_detail == C.STROKE_DETAIL
+
+
 def test_network_sizes_for_each_detail() -> None:
     assert C.Controls().network_sizes(1080, 1920) == [(1080, 1920)]
     assert C.Controls(stroke_scale=3.0).network_sizes(1080, 1920) == [(1080, 1920), (360, 640)]
